@@ -1,0 +1,1 @@
+"""Triton kernels of the swallow-stream engine (installed as `swallow_kernels`)."""

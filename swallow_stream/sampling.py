@@ -1,0 +1,156 @@
+"""Sampling parameters and the batched sampler (each row its own parameters and seed)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import GenerationDefaults
+from .errors import InvalidRequestError
+
+MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = None  # None = up to the context limit
+    stop: tuple[str, ...] = ()
+    stop_token_ids: frozenset[int] = field(default_factory=frozenset)
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+def build_sampling_params(
+    defaults: GenerationDefaults,
+    *,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    seed: int | None = None,
+    max_tokens: int | None = None,
+    stop: str | list[str] | tuple[str, ...] | None = None,
+    stop_token_ids: frozenset[int] = frozenset(),
+    logprobs: bool = False,
+    top_logprobs: int | None = None,
+) -> SamplingParams:
+    """Unset values come from generation_config; every value is checked with a clear error."""
+
+    def number(name: str, v, lo: float, hi: float, default: float) -> float:
+        if v is None:
+            return float(default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise InvalidRequestError(f"'{name}' must be a number, got {v!r}")
+        if not lo <= v <= hi:
+            raise InvalidRequestError(f"'{name}' must be in [{lo}, {hi}], got {v}")
+        return float(v)
+
+    def integer(name: str, v, lo: int, default: int | None) -> int | None:
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise InvalidRequestError(f"'{name}' must be an integer, got {v!r}")
+        if v < lo:
+            raise InvalidRequestError(f"'{name}' must be >= {lo}, got {v}")
+        return v
+
+    t = number("temperature", temperature, 0.0, 100.0, defaults.temperature)
+    p = number("top_p", top_p, 0.0, 1.0, defaults.top_p)
+    if p == 0.0:
+        raise InvalidRequestError("'top_p' must be > 0")
+    mp = number("min_p", min_p, 0.0, 1.0, defaults.min_p)
+    k = integer("top_k", top_k, -1, defaults.top_k)
+    k = 0 if k == -1 else k  # vLLM / OpenAI-compatible servers use -1 for "off"
+    s = integer("seed", seed, 0, None)
+    if max_tokens is not None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+            raise InvalidRequestError(f"'max_tokens' must be an integer, got {max_tokens!r}")
+        if max_tokens <= 0:
+            raise InvalidRequestError(f"'max_tokens' must be > 0, got {max_tokens}")
+    if stop is None:
+        stops: tuple[str, ...] = ()
+    elif isinstance(stop, str):
+        stops = (stop,)
+    elif isinstance(stop, (list, tuple)) and all(isinstance(x, str) for x in stop):
+        stops = tuple(stop)
+    else:
+        raise InvalidRequestError(f"'stop' must be a string or a list of strings, got {stop!r}")
+    if len(stops) > MAX_STOP_STRINGS or any(x == "" for x in stops):
+        raise InvalidRequestError(f"'stop' takes at most {MAX_STOP_STRINGS} non-empty strings")
+    if not isinstance(logprobs, bool):
+        raise InvalidRequestError(f"'logprobs' must be a boolean, got {logprobs!r}")
+    tl = integer("top_logprobs", top_logprobs, 0, 0)
+    if tl > MAX_TOP_LOGPROBS:
+        raise InvalidRequestError(f"'top_logprobs' must be <= {MAX_TOP_LOGPROBS}, got {tl}")
+    return SamplingParams(
+        temperature=t,
+        top_p=p,
+        top_k=k,
+        min_p=mp,
+        seed=s,
+        max_tokens=max_tokens,
+        stop=stops,
+        stop_token_ids=frozenset(stop_token_ids),
+        logprobs=logprobs or tl > 0,
+        top_logprobs=tl,
+    )
+
+
+def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Probabilities after temperature, top_k, top_p and min_p, row by row.
+    logits [B, V] fp32 -> probs [B, V] fp32 (greedy rows: one-hot at the argmax)."""
+    b, v = logits.shape
+    dev = logits.device
+    temp = torch.tensor([max(p.temperature, 1e-6) for p in params], device=dev).unsqueeze(1)
+    probs = torch.softmax(logits / temp, dim=-1)
+
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < v else v for p in params], device=dev)
+    top_p = torch.tensor([p.top_p for p in params], device=dev)
+    min_p = torch.tensor([p.min_p for p in params], device=dev)
+    if bool((top_k < v).any() or (top_p < 1.0).any()):
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        rank = torch.arange(v, device=dev).unsqueeze(0)
+        # keep a token while the mass strictly before it is < top_p (the first token always stays)
+        before = sorted_p.cumsum(-1) - sorted_p
+        keep_sorted = (rank < top_k.unsqueeze(1)) & (before < top_p.unsqueeze(1))
+        keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+        probs = probs * keep
+    if bool((min_p > 0).any()):
+        probs = probs * (probs >= min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values)
+    probs = probs / probs.sum(-1, keepdim=True)
+    greedy = torch.tensor([p.greedy for p in params], device=dev)
+    if bool(greedy.any()):
+        one_hot = torch.zeros_like(probs).scatter(1, logits.argmax(-1, keepdim=True), 1.0)
+        probs = torch.where(greedy.unsqueeze(1), one_hot, probs)
+    return probs
+
+
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> torch.Tensor:
+    """[B, V] fp32 -> token ids [B] int64.
+
+    Exponential race: argmax(p / q) with q ~ Exp(1) draws from p. Seeded rows draw q from their
+    own generator, so a seeded request samples the same tokens whatever else is in the batch.
+    """
+    probs = filtered_probs(logits, params)
+    q = torch.empty_like(probs)
+    shared = [i for i, g in enumerate(generators) if g is None]
+    if shared:
+        q[shared] = torch.empty(len(shared), probs.shape[1], device=probs.device).exponential_()
+    for i, g in enumerate(generators):
+        if g is not None:
+            q[i] = torch.empty(probs.shape[1], device=probs.device).exponential_(generator=g)
+    return (probs / q.clamp_(min=1e-30)).argmax(dim=-1)

@@ -1,0 +1,362 @@
+"""`Stream` / `AsyncStream`: a request's token events, as iterators, plus its outcome.
+
+A stream reads events from a source (the local engine, or a remote OpenAI-compatible server),
+applies stop strings, and keeps the tallies (reasoning, answer, usage, stats). Leaving the loop
+early (break, exception, garbage collection) cancels the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Iterator, Protocol
+
+from .errors import SwallowError
+
+
+@dataclass(slots=True)
+class TokenEvent:
+    """One generated token. `text` is the decoded content delta ("" for control and header tokens)."""
+
+    text: str
+    channel: str | None
+    token_id: int | None
+    special: bool = False
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(slots=True)
+class Finished:
+    """The end of a request, as a source reports it."""
+
+    reason: str  # "stop" | "length" | "cancelled" | "error"
+    error: Exception | None = None
+    num_cached_tokens: int = 0
+    completion_tokens: int | None = None  # when the source counts them itself (remote)
+    prompt_tokens: int | None = None
+    reasoning_tokens: int | None = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def as_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
+            "cached_tokens": self.cached_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+
+@dataclass
+class Stats:
+    time_to_first_token: float | None = None  # seconds from submit to the first token
+    tokens_per_second: float | None = None  # completion tokens after the first, per second
+    total_time: float | None = None
+
+    def as_dict(self) -> dict:
+        r = lambda v: None if v is None else round(v, 4)  # noqa: E731
+        return {
+            "time_to_first_token": r(self.time_to_first_token),
+            "tokens_per_second": r(self.tokens_per_second),
+            "total_time": r(self.total_time),
+        }
+
+
+class GenerationError(SwallowError):
+    """A request failed while generating (the engine and other requests go on)."""
+
+
+class EventSource(Protocol):
+    """Where a stream's events come from. `get` returns at least one item unless `block` is False."""
+
+    prompt_token_ids: list[int]
+    model: str
+
+    def get(self, block: bool = True) -> list[TokenEvent | Finished]: ...
+
+    async def aget(self) -> list[TokenEvent | Finished]: ...
+
+    def cancel(self) -> None: ...
+
+
+class _StopMatcher:
+    """Stop strings over the visible text of each channel, holding back a possible partial match."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self.pending = ""
+        self.channel: str | None = None
+
+    def feed(self, text: str, channel: str | None) -> tuple[str, str, bool]:
+        """-> (text of the previous channel flushed, text releasable now, hit a stop)."""
+        flushed = ""
+        if channel != self.channel:
+            flushed, self.pending, self.channel = self.pending, "", channel
+        buf = self.pending + text
+        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.pending = ""
+            return flushed, buf[:cut], True
+        keep = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(buf)), 0, -1):
+                if buf.endswith(s[:k]):
+                    keep = max(keep, k)
+                    break
+        self.pending = buf[len(buf) - keep :] if keep else ""
+        return flushed, buf[: len(buf) - keep], False
+
+
+class _StreamState:
+    """Shared bookkeeping of Stream and AsyncStream."""
+
+    def __init__(self, source: EventSource, stop: tuple[str, ...]):
+        self._source = source
+        self._stop = _StopMatcher(stop) if stop else None
+        self._ready: list[TokenEvent] = []
+        self._parts: dict[str, list[str]] = {"analysis": [], "final": []}
+        self.model = source.model
+        self.prompt_token_ids = source.prompt_token_ids
+        self.token_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.error: Exception | None = None
+        self.usage = Usage(prompt_tokens=len(source.prompt_token_ids))
+        self.stats = Stats()
+        self._t_start = time.monotonic()
+        self._t_first: float | None = None
+        self._reasoning_count = 0
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def reasoning(self) -> str:
+        return "".join(self._parts["analysis"])
+
+    @property
+    def answer(self) -> str:
+        return "".join(self._parts["final"])
+
+    def _text(self, ev: TokenEvent, text: str, channel: str | None) -> TokenEvent:
+        if text and channel in self._parts:
+            self._parts[channel].append(text)
+        ev.text = text
+        return ev
+
+    def _absorb(self, items: list[TokenEvent | Finished]) -> None:
+        now = time.monotonic()
+        for item in items:
+            if self.done:
+                return
+            if isinstance(item, Finished):
+                self._finish(item, now)
+                continue
+            if self._t_first is None:
+                self._t_first = now
+                self.stats.time_to_first_token = now - self._t_start
+            if item.token_id is not None:
+                self.token_ids.append(item.token_id)
+                self.usage.completion_tokens += 1
+                if item.channel == "analysis":
+                    self._reasoning_count += 1
+            if self._stop is None:
+                self._ready.append(self._text(item, item.text, item.channel))
+                continue
+            prev = self._stop.channel
+            flushed, text, hit = self._stop.feed(item.text, item.channel)
+            if flushed:
+                self._ready.append(self._text(TokenEvent("", prev, None), flushed, prev))
+            self._ready.append(self._text(item, text, item.channel))
+            if hit:
+                self._source.cancel()
+                self._finish(Finished("stop"), now)
+                return
+
+    def _finish(self, f: Finished, now: float) -> None:
+        if self._stop is not None and self._stop.pending:
+            ch = self._stop.channel
+            self._ready.append(self._text(TokenEvent("", ch, None), self._stop.pending, ch))
+            self._stop.pending = ""
+        self.finish_reason = f.reason
+        self.error = f.error
+        self.usage.cached_tokens = f.num_cached_tokens
+        self.usage.reasoning_tokens = self._reasoning_count if f.reasoning_tokens is None else f.reasoning_tokens
+        if f.completion_tokens is not None:
+            self.usage.completion_tokens = f.completion_tokens
+        if f.prompt_tokens is not None:
+            self.usage.prompt_tokens = f.prompt_tokens
+        self.stats.total_time = now - self._t_start
+        if self._t_first is not None and self.usage.completion_tokens > 1 and now > self._t_first:
+            self.stats.tokens_per_second = (self.usage.completion_tokens - 1) / (now - self._t_first)
+
+    def _raise_if_failed(self) -> None:
+        if self.finish_reason == "error":
+            err = self.error
+            if isinstance(err, SwallowError):
+                raise err
+            raise GenerationError(f"generation failed: {err!r}") from err
+
+    def cancel(self) -> None:
+        """Stop generating; the engine frees the request's cache before its next step."""
+        if not self.done:
+            self._source.cancel()
+            self._finish(Finished("cancelled"), time.monotonic())
+
+    def __repr__(self) -> str:
+        state = self.finish_reason or "streaming"
+        return f"<{type(self).__name__} {self.model} {state} tokens={len(self.token_ids)}>"
+
+
+class Stream(_StreamState):
+    """Iterate for TokenEvents (`str(ev)` is its text). Afterwards: .reasoning, .answer,
+    .finish_reason, .usage, .stats, .prompt_token_ids, .token_ids."""
+
+    def __next__(self) -> TokenEvent:
+        while not self._ready:
+            if self.done:
+                self._raise_if_failed()
+                raise StopIteration
+            self._absorb(self._source.get(block=True))
+        return self._ready.pop(0)
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        # A generator per loop: when a `for` loop breaks, this generator is closed and the
+        # request cancelled, even if the caller still holds the Stream.
+        try:
+            while True:
+                try:
+                    ev = next(self)
+                except StopIteration:
+                    return
+                yield ev
+        finally:
+            self.cancel()
+
+    def collect(self) -> "Stream":
+        """Run to the end; returns self for .answer / .reasoning / .usage."""
+        for _ in self:
+            pass
+        return self
+
+    def close(self) -> None:
+        self.cancel()
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cancel()
+
+    def __del__(self) -> None:
+        try:
+            self.cancel()
+        except Exception:
+            pass
+
+
+class AsyncStream(_StreamState):
+    """`async for ev in astream(...)`; the same events and tallies as Stream."""
+
+    async def __anext__(self) -> TokenEvent:
+        while not self._ready:
+            if self.done:
+                self._raise_if_failed()
+                raise StopAsyncIteration
+            self._absorb(await self._source.aget())
+        return self._ready.pop(0)
+
+    async def _events(self) -> AsyncIterator[TokenEvent]:
+        try:
+            while True:
+                try:
+                    ev = await self.__anext__()
+                except StopAsyncIteration:
+                    return
+                yield ev
+        finally:
+            self.cancel()
+
+    def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        return self._events()
+
+    async def collect(self) -> "AsyncStream":
+        async for _ in self:
+            pass
+        return self
+
+    async def aclose(self) -> None:
+        self.cancel()
+
+    def drain_ready(self) -> list[TokenEvent]:
+        """Events already received, without waiting (servers coalesce these into one frame)."""
+        if not self._ready:
+            self._absorb(self._source.get(block=False))
+        out, self._ready = self._ready, []
+        return out
+
+    def __del__(self) -> None:
+        try:
+            self.cancel()
+        except Exception:
+            pass
+
+
+class QueueChannel:
+    """Thread-safe hand-off of items from a producer thread to one consumer, sync or async.
+
+    Sync consumers block on a queue; async consumers await an asyncio.Event set through the
+    loop's call_soon_threadsafe, so the producer never blocks and the loop never waits on it.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None):
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._loop = loop
+        self._event = asyncio.Event() if loop is not None else None
+        self._closed = threading.Event()
+
+    def put(self, item) -> None:
+        self._q.put(item)
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._event.set)
+            except RuntimeError:  # loop closed: nobody is listening any more
+                pass
+
+    def get_all(self, block: bool) -> list:
+        items = []
+        if block:
+            items.append(self._q.get())
+        while True:
+            try:
+                items.append(self._q.get_nowait())
+            except queue.Empty:
+                return items
+
+    async def aget_all(self) -> list:
+        while True:
+            items = self.get_all(block=False)
+            if items:
+                return items
+            self._event.clear()
+            if not self._q.empty():
+                continue
+            await self._event.wait()
