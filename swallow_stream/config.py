@@ -207,7 +207,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _parse_model_config(d: dict[str, Any]) -> ModelConfig:
     arch = d.get("architectures") or []
     model_type = d.get("model_type")
-    if model_type != "gpt_oss" and "GptOssForCausalLM" not in arch:
+    if (model_type is not None and model_type != "gpt_oss") or (arch and "GptOssForCausalLM" not in arch):
         raise ConfigError(
             f"config.json: 'model_type' is {model_type!r} (architectures {arch!r}); "
             "only gpt-oss checkpoints ('gpt_oss' / GptOssForCausalLM) are supported"

@@ -284,19 +284,8 @@ class AsyncStream(_StreamState):
             self._absorb(await self._source.aget())
         return self._ready.pop(0)
 
-    async def _events(self) -> AsyncIterator[TokenEvent]:
-        try:
-            while True:
-                try:
-                    ev = await self.__anext__()
-                except StopAsyncIteration:
-                    return
-                yield ev
-        finally:
-            self.cancel()
-
     def __aiter__(self) -> AsyncIterator[TokenEvent]:
-        return self._events()
+        return _AsyncLoop(self)
 
     async def collect(self) -> "AsyncStream":
         async for _ in self:
@@ -316,6 +305,28 @@ class AsyncStream(_StreamState):
     def __del__(self) -> None:
         try:
             self.cancel()
+        except Exception:
+            pass
+
+
+class _AsyncLoop:
+    """The iterator of one `async for`. Dropped when the loop breaks (refcount), it cancels the
+    request right away; an async generator would only be closed later by the event loop."""
+
+    __slots__ = ("_stream",)
+
+    def __init__(self, stream: AsyncStream):
+        self._stream = stream
+
+    def __aiter__(self) -> "_AsyncLoop":
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        return await self._stream.__anext__()
+
+    def __del__(self) -> None:
+        try:
+            self._stream.cancel()
         except Exception:
             pass
 

@@ -56,6 +56,7 @@ class EngineStats:
     prompt_tokens_total: int = 0
     prefix_cache_hit_tokens_total: int = 0
     generated_tokens_total: int = 0
+    computed_tokens_total: int = 0  # tokens run through the model (prefill chunks + decodes)
     requests_finished_total: int = 0
     requests_failed_total: int = 0
     steps_total: int = 0
@@ -207,6 +208,7 @@ class LLMEngine:
         with self._lock:
             self._num_unfinished -= 1
         self.stats.requests_finished_total += 1
+        self.stats.prefix_cache_hit_tokens_total += seq.num_cached_prompt_tokens
         if error is not None:
             self.stats.requests_failed_total += 1
         seq.emit(SequenceOutput([], finish_reason=reason, error=error, num_cached_tokens=seq.num_cached_prompt_tokens))
@@ -219,12 +221,15 @@ class LLMEngine:
             return
         try:
             sampled = self.runner.run(batch)
-        except Exception as e:  # a failed step fails the requests in it, never the engine
-            log.exception("engine step failed; failing %d request(s)", len(batch))
-            for seq, _ in batch:
-                self._finish(seq, "error", e)
-            return
+        except Exception:
+            # Find the request(s) at fault by running each alone; only those fail. Re-running
+            # rewrites the same cache slots, so the others' state stays exact.
+            log.exception("engine step of %d request(s) failed; isolating", len(batch))
+            batch, sampled = self._run_isolated(batch)
+            if not batch:
+                return
         self.stats.steps_total += 1
+        self.stats.computed_tokens_total += sum(n for _, n in batch)
         it = iter(sampled)
         now = time.monotonic()
         produced = 0
@@ -254,6 +259,18 @@ class LLMEngine:
                 self._finish(seq, reason)
         self._update_stats(now, produced)
 
+    def _run_isolated(self, batch):
+        ok, sampled = [], []
+        for seq, n in batch:
+            try:
+                out = self.runner.run([(seq, n)])
+            except Exception as e:
+                self._finish(seq, "error", e)
+                continue
+            ok.append((seq, n))
+            sampled.extend(out)
+        return ok, sampled
+
     def _update_stats(self, now: float, produced: int) -> None:
         s = self.stats
         s.generated_tokens_total += produced
@@ -281,6 +298,8 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "prompt_tokens_total": s.prompt_tokens_total,
             "generated_tokens_total": s.generated_tokens_total,
+            "computed_tokens_total": s.computed_tokens_total,
+            "prefix_cache_hit_tokens_total": s.prefix_cache_hit_tokens_total,
             "requests_finished_total": s.requests_finished_total,
             "requests_failed_total": s.requests_failed_total,
             "tokens_per_second": round(s.tokens_per_second, 2),

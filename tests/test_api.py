@@ -1,0 +1,161 @@
+"""The Python API: stream / astream events, outcome, cancellation and input errors."""
+
+import asyncio
+import gc
+import time
+
+import pytest
+
+from swallow_stream import (
+    ContextLengthExceededError,
+    InvalidRequestError,
+    astream,
+    load,
+    stream,
+)
+from swallow_stream.harmony import get_tokenizer, render_prompt
+
+
+def wait_idle(engine, timeout=10.0):
+    t = time.monotonic() + timeout
+    while time.monotonic() < t:
+        snap = engine.snapshot()
+        if snap["running"] == 0 and snap["waiting"] == 0 and snap["kv_blocks_used"] == 0:
+            return snap
+        time.sleep(0.02)
+    raise AssertionError(f"engine not idle: {engine.snapshot()}")
+
+
+def script_tokens(engine, token_ids):
+    """Make the engine's model 'generate' token_ids (the real loop, scheduler and parser run)."""
+    real_run = engine.runner.run
+    it = {}
+
+    def run(batch):
+        out = real_run(batch)
+        fixed = []
+        for (seq, n), o in zip([b for b in batch if b[0].num_computed + b[1] == len(b[0].token_ids)], out):
+            i = it.setdefault(seq.seq_id, 0)
+            it[seq.seq_id] = i + 1
+            fixed.append((token_ids[i] if i < len(token_ids) else o[0], o[1], o[2]))
+        return fixed
+
+    engine.runner.run = run
+
+
+def test_stream_events_and_outcome(tiny_engine):
+    s = stream("Hello there", model=tiny_engine, temperature=0, max_tokens=12, logprobs=True)
+    events = list(s)
+    assert s.finish_reason in ("length", "stop")
+    ids = [e.token_id for e in events if e.token_id is not None]
+    assert ids == s.token_ids and len(ids) == s.usage.completion_tokens
+    assert s.prompt_token_ids == render_prompt("Hello there")
+    assert s.usage.prompt_tokens == len(s.prompt_token_ids)
+    assert all(e.logprob is not None and e.logprob <= 0 for e in events if e.token_id is not None)
+    assert all(str(e) == e.text for e in events)
+    assert s.stats.time_to_first_token > 0 and s.stats.total_time >= s.stats.time_to_first_token
+    # text of events equals the decoded non-special content
+    assert all(e.text == "" for e in events if e.special and e.token_id is not None and e.token_id >= 200000)
+
+
+def test_channels_from_a_harmony_completion(make_engine, tiny_path):
+    engine = make_engine(tiny_path)
+    tok = get_tokenizer()
+    completion = (
+        [200005] + tok.encode("analysis") + [200008] + tok.encode("ユーザーは東京の旅程を求めている。")
+        + [200007, 200006] + tok.encode("assistant") + [200005] + tok.encode("final") + [200008]
+        + tok.encode("浅草から始めましょう。") + [200002]
+    )
+    script_tokens(engine, completion)
+    s = stream("東京の一日プラン", model=engine, temperature=0)
+    events = list(s)
+    assert s.finish_reason == "stop"  # on <|return|>, not on the <|end|> after the analysis
+    assert s.token_ids == completion
+    assert s.reasoning == "ユーザーは東京の旅程を求めている。"
+    assert s.answer == "浅草から始めましょう。"
+    assert "".join(e.text for e in events if e.channel == "analysis") == s.reasoning
+    assert "".join(e.text for e in events if e.channel == "final") == s.answer
+    assert s.usage.reasoning_tokens > 0
+    assert [e.special for e in events if e.token_id == 200007] == [True]
+
+
+def test_stop_string_ends_generation(make_engine, tiny_path):
+    engine = make_engine(tiny_path)
+    tok = get_tokenizer()
+    completion = [200005] + tok.encode("final") + [200008] + tok.encode("one two three STOP four five six")
+    script_tokens(engine, completion)
+    s = stream("count", model=engine, temperature=0, stop=["STOP"], max_tokens=100)
+    text = "".join(e.text for e in s)
+    assert s.finish_reason == "stop"
+    assert text == "one two three " and s.answer == "one two three "
+    wait_idle(engine)
+
+
+def test_break_cancels_and_frees_cache(tiny_engine):
+    s = stream("Tell me a long story", model=tiny_engine, temperature=0.7, max_tokens=500)
+    for i, _ in enumerate(s):
+        if i == 3:
+            break
+    assert s.finish_reason == "cancelled"
+    wait_idle(tiny_engine)
+
+
+def test_garbage_collection_cancels(tiny_engine):
+    s = stream("Tell me a long story", model=tiny_engine, temperature=0.7, max_tokens=500)
+    next(s)
+    del s
+    gc.collect()
+    wait_idle(tiny_engine)
+
+
+async def test_astream_in_running_loop(tiny_engine):
+    s = astream("Hello", model=tiny_engine, temperature=0, max_tokens=8)
+    ids = [e.token_id async for e in s if e.token_id is not None]
+    ref = stream("Hello", model=tiny_engine, temperature=0, max_tokens=8).collect()
+    assert ids == ref.token_ids and s.finish_reason == ref.finish_reason
+
+
+async def test_astream_break_frees_cache(tiny_engine):
+    s = astream("Hello", model=tiny_engine, temperature=0.5, max_tokens=400)
+    n = 0
+    async for _ in s:
+        n += 1
+        if n == 2:
+            break
+    await asyncio.sleep(0)
+    assert s.finish_reason == "cancelled"
+    await asyncio.to_thread(wait_idle, tiny_engine)
+
+
+def test_load_tiny_offline_and_default():
+    t0 = time.monotonic()
+    b = load("tiny")
+    assert time.monotonic() - t0 < 60
+    assert b.is_tiny and b.name == "tiny"
+    s = stream("hi", temperature=0, max_tokens=3).collect()  # default model
+    assert s.model == "tiny" and s.usage.completion_tokens == 3
+    b.shutdown()
+
+
+@pytest.mark.parametrize(
+    "prompt, kw, err, match",
+    [
+        ([], {}, InvalidRequestError, "empty"),
+        ("", {}, InvalidRequestError, "empty"),
+        ([{"role": "wizard", "content": "hi"}], {}, InvalidRequestError, "wizard"),
+        ([{"role": "user"}], {}, InvalidRequestError, "content"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], {}, InvalidRequestError, "image_url"),
+        ("hi", {"max_tokens": 0}, InvalidRequestError, "max_tokens"),
+        ("hi", {"max_tokens": -1}, InvalidRequestError, "max_tokens"),
+        ("hi", {"reasoning_effort": "extreme"}, InvalidRequestError, "reasoning_effort"),
+        ("hi", {"temperature": "warm"}, InvalidRequestError, "temperature"),
+        ("word " * 400, {}, ContextLengthExceededError, "context length"),
+        ("hi", {"max_tokens": 10_000}, ContextLengthExceededError, "max_tokens"),
+    ],
+)
+def test_bad_input_clear_errors(make_engine, tiny_path, prompt, kw, err, match):
+    engine = make_engine(tiny_path, max_model_len=256)
+    with pytest.raises(err, match=match):
+        stream(prompt, model=engine, **kw)
+    # and the engine still serves
+    assert stream("hi", model=engine, temperature=0, max_tokens=2).collect().usage.completion_tokens == 2

@@ -1,0 +1,107 @@
+"""Sampling filters on known distributions, greedy, seeds, parameter validation."""
+
+import math
+
+import pytest
+import torch
+
+from swallow_stream.config import GenerationDefaults
+from swallow_stream.errors import InvalidRequestError
+from swallow_stream.sampling import build_sampling_params, filtered_probs, sample
+
+SWALLOW = GenerationDefaults(temperature=0.6, top_p=0.95, top_k=20, min_p=0.0)
+P = torch.tensor([[0.5, 0.25, 0.125, 0.0625, 0.0625]])
+LOGITS = P.log()
+
+
+def params(**kw):
+    kw.setdefault("temperature", 1.0)
+    return build_sampling_params(GenerationDefaults(), **kw)
+
+
+def test_defaults_come_from_generation_config():
+    p = build_sampling_params(SWALLOW)
+    assert (p.temperature, p.top_p, p.top_k, p.min_p) == (0.6, 0.95, 20, 0.0)
+    p = build_sampling_params(SWALLOW, temperature=0, top_k=-1)
+    assert p.greedy and p.top_k == 0
+
+
+def test_no_filter_keeps_distribution():
+    assert torch.allclose(filtered_probs(LOGITS, [params()]), P, atol=1e-6)
+
+
+def test_top_k():
+    got = filtered_probs(LOGITS, [params(top_k=2)])
+    assert torch.allclose(got, torch.tensor([[2 / 3, 1 / 3, 0, 0, 0]]), atol=1e-6)
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    got = filtered_probs(LOGITS, [params(top_p=0.7)])  # 0.5 < 0.7 -> needs 0.25 as well
+    assert torch.allclose(got, torch.tensor([[2 / 3, 1 / 3, 0, 0, 0]]), atol=1e-6)
+    got = filtered_probs(LOGITS, [params(top_p=0.5)])  # 0.5 alone reaches it
+    assert torch.allclose(got, torch.tensor([[1.0, 0, 0, 0, 0]]), atol=1e-6)
+
+
+def test_min_p_relative_to_top():
+    got = filtered_probs(LOGITS, [params(min_p=0.25)])  # keep p >= 0.125
+    assert torch.allclose(got, torch.tensor([[4 / 7, 2 / 7, 1 / 7, 0, 0]]), atol=1e-6)
+
+
+def test_temperature_sharpens():
+    got = filtered_probs(LOGITS, [params(temperature=0.5)])
+    expect = P**2 / (P**2).sum()
+    assert torch.allclose(got, expect, atol=1e-6)
+
+
+def test_rows_use_their_own_params():
+    got = filtered_probs(LOGITS.repeat(2, 1), [params(top_k=1), params()])
+    assert torch.allclose(got[0], torch.tensor([1.0, 0, 0, 0, 0]))
+    assert torch.allclose(got[1], P[0], atol=1e-6)
+
+
+def test_top_k_1_equals_greedy():
+    logits = torch.randn(8, 1000, generator=torch.Generator().manual_seed(0))
+    a = sample(logits, [params(top_k=1)] * 8, [None] * 8)
+    b = sample(logits, [params(temperature=0)] * 8, [None] * 8)
+    assert torch.equal(a, logits.argmax(-1)) and torch.equal(b, a)
+
+
+def test_sampling_frequencies_follow_filtered_distribution():
+    n = 20000
+    logits = LOGITS.repeat(n, 1)
+    torch.manual_seed(0)
+    got = sample(logits, [params(top_k=3)] * n, [None] * n)
+    freq = torch.bincount(got, minlength=5).float() / n
+    expect = torch.tensor([4 / 7, 2 / 7, 1 / 7, 0, 0])
+    assert torch.allclose(freq, expect, atol=0.02), freq
+
+
+def test_seed_reproducible_and_independent_of_batch():
+    logits = torch.randn(3, 5000, generator=torch.Generator().manual_seed(2))
+    p = params(seed=7)
+    gen = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    alone = [sample(logits[1:2], [p], [gen()]).item()]
+    batched = sample(logits, [params(), p, params()], [None, gen(), None])[1].item()
+    assert alone[0] == batched
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(temperature=-1), "temperature"),
+        (dict(temperature=math.nan), "temperature"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_p=0), "top_p"),
+        (dict(top_k=2.5), "top_k"),
+        (dict(min_p=-0.1), "min_p"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(max_tokens=-5), "max_tokens"),
+        (dict(seed="x"), "seed"),
+        (dict(stop=[1, 2]), "stop"),
+        (dict(stop=[""]), "stop"),
+        (dict(top_logprobs=50), "top_logprobs"),
+    ],
+)
+def test_bad_params_clear_errors(kw, match):
+    with pytest.raises(InvalidRequestError, match=match):
+        build_sampling_params(SWALLOW, **kw)
