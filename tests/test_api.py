@@ -20,7 +20,7 @@ def wait_idle(engine, timeout=10.0):
     t = time.monotonic() + timeout
     while time.monotonic() < t:
         snap = engine.snapshot()
-        if snap["running"] == 0 and snap["waiting"] == 0 and snap["kv_blocks_used"] == 0:
+        if engine.num_unfinished == 0 and snap["running"] == 0 and snap["waiting"] == 0 and snap["kv_blocks_used"] == 0:
             return snap
         time.sleep(0.02)
     raise AssertionError(f"engine not idle: {engine.snapshot()}")

@@ -293,6 +293,7 @@ class LLMEngine:
             "dtype": str(self.dtype).removeprefix("torch."),
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
+            "unfinished": self._num_unfinished,
             "kv_blocks_used": self.kv.num_total_blocks - self.kv.num_free_blocks,
             "kv_blocks_total": self.kv.num_total_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
