@@ -113,6 +113,12 @@ def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
     logits [B, V] fp32 -> probs [B, V] fp32 (greedy rows: one-hot at the argmax)."""
     b, v = logits.shape
     dev = logits.device
+    max_k = max(p.top_k for p in params)
+    if all(0 < p.top_k for p in params) and max_k < v // 4:
+        # Every row keeps at most max_k tokens: filter among those candidates, not the vocab.
+        top_vals, top_idx = logits.topk(max_k, dim=-1)
+        sub = filtered_probs(top_vals, params)
+        return torch.zeros_like(logits).scatter_(1, top_idx, sub)
     temp = torch.tensor([max(p.temperature, 1e-6) for p in params], device=dev).unsqueeze(1)
     probs = torch.softmax(logits / temp, dim=-1)
 
@@ -122,9 +128,13 @@ def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
     if bool((top_k < v).any() or (top_p < 1.0).any()):
         sorted_p, order = probs.sort(dim=-1, descending=True)
         rank = torch.arange(v, device=dev).unsqueeze(0)
-        # keep a token while the mass strictly before it is < top_p (the first token always stays)
+        # top-k first; then, on the renormalized top-k, keep a token while the mass strictly
+        # before it is < top_p (the first token always stays)
+        in_k = rank < top_k.unsqueeze(1)
+        sorted_p = sorted_p * in_k
+        sorted_p = sorted_p / sorted_p.sum(-1, keepdim=True)
         before = sorted_p.cumsum(-1) - sorted_p
-        keep_sorted = (rank < top_k.unsqueeze(1)) & (before < top_p.unsqueeze(1))
+        keep_sorted = in_k & (before < top_p.unsqueeze(1))
         keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
         probs = probs * keep
     if bool((min_p > 0).any()):
@@ -145,6 +155,8 @@ def sample(
     Exponential race: argmax(p / q) with q ~ Exp(1) draws from p. Seeded rows draw q from their
     own generator, so a seeded request samples the same tokens whatever else is in the batch.
     """
+    if all(p.greedy for p in params):
+        return logits.argmax(dim=-1)
     probs = filtered_probs(logits, params)
     q = torch.empty_like(probs)
     shared = [i for i, g in enumerate(generators) if g is None]

@@ -105,3 +105,14 @@ def test_seed_reproducible_and_independent_of_batch():
 def test_bad_params_clear_errors(kw, match):
     with pytest.raises(InvalidRequestError, match=match):
         build_sampling_params(SWALLOW, **kw)
+
+
+def test_top_k_then_top_p_on_renormalized_and_candidate_path_agrees():
+    # top_k=3 renormalizes to [4/7, 2/7, 1/7]; top_p=0.8 then keeps 4/7 + 2/7 (mass before 1/7 is 6/7)
+    expect = torch.tensor([[2 / 3, 1 / 3, 0, 0, 0]])
+    p = params(top_k=3, top_p=0.8)
+    assert torch.allclose(filtered_probs(LOGITS, [p]), expect, atol=1e-6)
+    # a wide vocab takes the top-k candidate path: same answer
+    wide = torch.cat([LOGITS, torch.full((1, 100), -30.0)], dim=1)
+    got = filtered_probs(wide, [p])
+    assert torch.allclose(got[:, :5], expect, atol=1e-6) and got[:, 5:].sum() == 0

@@ -43,6 +43,8 @@ class EngineOptions:
     kv_cache_memory: int | None = None  # bytes; None: 0.9 of free GPU memory, 512 MiB on cpu
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
+    # CPU + torch ops: unpack MXFP4 experts once at load when they fit in this many bytes
+    cpu_dequantized_experts_max_bytes: int = 8 << 30
     revision: str | None = None
 
 
@@ -85,6 +87,13 @@ class LLMEngine:
         self.stop_token_ids -= {200007}  # <|end|> closes the analysis message; never a stop
 
         weights = ModelWeights.from_state_dict(self.config, checkpoint.read(device=device), device, dtype)
+        ops = get_ops(opts.ops, device.type)
+        if device.type == "cpu" and ops.name == "torch":
+            cfg = self.config
+            dense_bytes = 3 * cfg.num_hidden_layers * cfg.num_local_experts * cfg.hidden_size * cfg.intermediate_size * 4
+            if self.config.quant_method == "mxfp4" and dense_bytes <= opts.cpu_dequantized_experts_max_bytes:
+                for layer in weights.layers:
+                    layer.experts.materialize(torch.float32)
         max_batched = opts.max_num_batched_tokens or (2048 if device.type == "cuda" else 512)
         budget = opts.kv_cache_memory
         if budget is None:
@@ -99,7 +108,7 @@ class LLMEngine:
             plan.num_full_blocks, plan.num_sliding_blocks, opts.block_size, window, opts.enable_prefix_caching
         )
         self.scheduler = Scheduler(self.kv, opts.max_num_seqs, max_batched)
-        self.runner = ModelRunner(self.config, weights, get_ops(opts.ops, device.type), plan, self.max_model_len)
+        self.runner = ModelRunner(self.config, weights, ops, plan, self.max_model_len)
         self.stats = EngineStats(kv_blocks_total=self.kv.num_total_blocks)
 
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()

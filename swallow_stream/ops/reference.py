@@ -33,6 +33,16 @@ class ExpertWeights:
     down_scales: torch.Tensor | None = None
     gate_up: torch.Tensor | None = None
     down: torch.Tensor | None = None
+    # CPU only: MXFP4 experts dequantized once ([E, 2I, H], [E, H, I]), trading memory for
+    # not unpacking the chosen experts at every step. GPU kernels always read the packed form.
+    dequantized: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def materialize(self, dtype: torch.dtype) -> None:
+        if self.quantized and self.dequantized is None:
+            self.dequantized = (
+                dequantize_mxfp4(self.gate_up_blocks, self.gate_up_scales, dtype),
+                dequantize_mxfp4(self.down_blocks, self.down_scales, dtype),
+            )
 
     @property
     def quantized(self) -> bool:
@@ -44,12 +54,16 @@ class ExpertWeights:
 
     def gate_up_weight(self, e: int, dtype: torch.dtype) -> torch.Tensor:
         """Expert e's gate_up as [2I, H]."""
+        if self.dequantized is not None:
+            return self.dequantized[0][e].to(dtype)
         if self.quantized:
             return dequantize_mxfp4(self.gate_up_blocks[e], self.gate_up_scales[e], dtype)
         return self.gate_up[e].t().to(dtype)
 
     def down_weight(self, e: int, dtype: torch.dtype) -> torch.Tensor:
         """Expert e's down as [H, I]."""
+        if self.dequantized is not None:
+            return self.dequantized[1][e].to(dtype)
         if self.quantized:
             return dequantize_mxfp4(self.down_blocks[e], self.down_scales[e], dtype)
         return self.down[e].t().to(dtype)

@@ -1,0 +1,171 @@
+"""`python app.py` / `swallow-stream`: load a backend and serve the app on one port.
+
+Every flag has an environment variable (for Spaces); a flag given on the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+from typing import Any, Sequence
+
+from .settings import Settings
+
+log = logging.getLogger("swallow_stream.server")
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'8GiB', '512MiB', '2G', '1073741824' -> bytes (K/M/G/T with or without 'i' are powers of 1024)."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use bytes, or e.g. 512MiB, 8GiB)")
+    num, unit, _ = m.groups()
+    scale = 1024 ** " kmgt".index(unit.lower() or " ")
+    return int(float(num) * scale)
+
+
+def _env(*names: str) -> str | None:
+    for n in names:
+        v = os.environ.get(n)
+        if v not in (None, ""):
+            return v
+    return None
+
+
+def _env_int(*names: str) -> int | None:
+    v = _env(*names)
+    return int(v) if v is not None else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="swallow-stream",
+        description="Serve GPT-OSS-Swallow: Gradio UI at /, WebSocket /ws, OpenAI-compatible /v1, /health, /metrics.",
+    )
+    p.add_argument("--model", default=_env("SWALLOW_MODEL"),
+                   help="Hub repo id, local checkpoint dir, or 'tiny'; with --backend openai, the remote model "
+                        "name (default: picked by hardware / the remote's first model) [SWALLOW_MODEL]")
+    p.add_argument("--host", default=_env("SWALLOW_HOST", "HOST") or "127.0.0.1",
+                   help="bind address (default 127.0.0.1) [SWALLOW_HOST, HOST]")
+    p.add_argument("--port", type=int, default=_env_int("SWALLOW_PORT", "PORT") or 7860,
+                   help="port (default 7860) [SWALLOW_PORT, PORT]")
+    p.add_argument("--api-key", default=_env("SWALLOW_API_KEY"),
+                   help="require this key on /ws and /v1/* (Authorization: Bearer; /ws also ?api_key=) [SWALLOW_API_KEY]")
+    p.add_argument("--backend", choices=["local", "openai"], default=_env("SWALLOW_BACKEND") or "local",
+                   help="local engine, or a remote OpenAI-compatible server [SWALLOW_BACKEND]")
+    p.add_argument("--base-url", default=_env("SWALLOW_BASE_URL"),
+                   help="the remote server for --backend openai, e.g. http://gpu-box:8000/v1 [SWALLOW_BASE_URL]")
+    p.add_argument("--remote-api-key", default=_env("SWALLOW_REMOTE_API_KEY"),
+                   help="API key sent to the remote server [SWALLOW_REMOTE_API_KEY]")
+    p.add_argument("--served-model-name", action="append", default=None,
+                   help="extra model name(s) /v1/chat/completions accepts (repeatable) [SWALLOW_SERVED_MODEL_NAME, comma-separated]")
+    g = p.add_argument_group("engine limits (local backend)")
+    g.add_argument("--max-num-seqs", type=int, default=_env_int("SWALLOW_MAX_NUM_SEQS"),
+                   help="max concurrent sequences in a batch (default 16) [SWALLOW_MAX_NUM_SEQS]")
+    g.add_argument("--max-queued-requests", type=int, default=_env_int("SWALLOW_MAX_QUEUED_REQUESTS"),
+                   help="requests waiting beyond those; more are refused as overloaded (default 64) [SWALLOW_MAX_QUEUED_REQUESTS]")
+    g.add_argument("--max-model-len", type=int, default=_env_int("SWALLOW_MAX_MODEL_LEN"),
+                   help="max tokens per sequence, prompt + completion (default 32768) [SWALLOW_MAX_MODEL_LEN]")
+    g.add_argument("--kv-cache-memory", type=parse_size, default=_env("SWALLOW_KV_CACHE_MEMORY"),
+                   help="KV cache size, e.g. 8GiB (default: 0.9 of free GPU memory; 512MiB on CPU) [SWALLOW_KV_CACHE_MEMORY]")
+    g.add_argument("--device", default=_env("SWALLOW_DEVICE"), help="cuda / cpu (default: cuda when present) [SWALLOW_DEVICE]")
+    g.add_argument("--dtype", default=_env("SWALLOW_DTYPE"), help="bfloat16 / float16 / float32 [SWALLOW_DTYPE]")
+    s = p.add_argument_group("front doors")
+    s.add_argument("--ws-max-generations", type=int, default=_env_int("SWALLOW_WS_MAX_GENERATIONS") or 8,
+                   help="concurrent generations per WebSocket connection (default 8) [SWALLOW_WS_MAX_GENERATIONS]")
+    s.add_argument("--ws-max-frame-bytes", type=parse_size, default=_env("SWALLOW_WS_MAX_FRAME_BYTES") or "1MiB",
+                   help="largest client frame accepted (default 1MiB) [SWALLOW_WS_MAX_FRAME_BYTES]")
+    s.add_argument("--ui-concurrency", type=int, default=_env_int("SWALLOW_UI_CONCURRENCY"),
+                   help="chats the UI runs at once (default: --max-num-seqs) [SWALLOW_UI_CONCURRENCY]")
+    p.add_argument("--log-level", default=_env("SWALLOW_LOG_LEVEL") or "info", help="[SWALLOW_LOG_LEVEL]")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if isinstance(args.kv_cache_memory, str):  # from the environment
+        args.kv_cache_memory = parse_size(args.kv_cache_memory)
+    if isinstance(args.ws_max_frame_bytes, str):
+        args.ws_max_frame_bytes = parse_size(args.ws_max_frame_bytes)
+    if args.served_model_name is None:
+        env = _env("SWALLOW_SERVED_MODEL_NAME")
+        args.served_model_name = [n.strip() for n in env.split(",") if n.strip()] if env else []
+    if args.backend == "openai" and not args.base_url:
+        build_parser().error("--backend openai needs --base-url (or SWALLOW_BASE_URL)")
+    return args
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    opts = {
+        "max_num_seqs": args.max_num_seqs,
+        "max_queued_requests": args.max_queued_requests,
+        "max_model_len": args.max_model_len,
+        "kv_cache_memory": args.kv_cache_memory,
+        "device": args.device,
+        "dtype": args.dtype,
+    }
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def load_backend(args: argparse.Namespace) -> tuple[Any, str]:
+    """-> (backend, model_source) where model_source is "flag" or "auto"."""
+    from ..api import auto_model, load
+
+    if args.backend == "openai":
+        b = load(args.model, backend="openai", base_url=args.base_url, api_key=args.remote_api_key)
+        return b, "flag" if args.model else "remote"
+    source = "flag" if args.model else "auto"
+    name = args.model or auto_model()
+    return load(name, **engine_options(args)), source
+
+
+def make_settings(args: argparse.Namespace, backend: Any, model_source: str) -> Settings:
+    seqs = args.max_num_seqs or getattr(getattr(getattr(backend, "engine", None), "options", None), "max_num_seqs", None) or 16
+    return Settings(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or None,
+        served_model_names=tuple(args.served_model_name),
+        model_source=model_source,
+        backend_kind=args.backend,
+        base_url=args.base_url,
+        ws_max_frame_bytes=args.ws_max_frame_bytes,
+        ws_max_generations=args.ws_max_generations,
+        ui_concurrency=args.ui_concurrency or seqs,
+    )
+
+
+def create_app(argv: Sequence[str] | None = None):
+    """Parse flags, load the backend and build the app: -> (app, settings, backend)."""
+    from .app import build_app
+
+    args = parse_args(argv)
+    backend, source = load_backend(args)
+    settings = make_settings(args, backend, source)
+    return build_app(backend, settings), settings, backend
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import uvicorn
+
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .app import build_app
+
+    backend, source = load_backend(args)
+    settings = make_settings(args, backend, source)
+    log.info("serving %s (%s backend%s) on http://%s:%d", backend.name, settings.backend_kind,
+             ", picked for this hardware" if source == "auto" else "", settings.host, settings.port)
+    if getattr(backend, "is_tiny", False):
+        log.warning("the tiny model has random weights: its output is noise")
+    app = build_app(backend, settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level.lower(),
+                ws_max_size=max(settings.ws_max_frame_bytes * 4, 16 << 20), timeout_graceful_shutdown=5)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Server settings: what `build_app` needs besides the backend (flags and env vars map onto these)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 7860
+    api_key: str | None = None  # when set, /ws and /v1/* require it (Bearer header; /ws also ?api_key=)
+    # Extra names /v1/chat/completions accepts for the served model (besides its own name).
+    served_model_names: tuple[str, ...] = ()
+    model_source: str = "flag"  # "flag" (named by --model / SWALLOW_MODEL) or "auto" (picked by hardware)
+    backend_kind: str = "local"  # "local" | "openai"
+    base_url: str | None = None
+    # WebSocket limits
+    ws_max_frame_bytes: int = 1 << 20  # a bigger client frame gets an error frame (connection stays)
+    ws_max_generations: int = 8  # concurrent generations per connection
+    # Gradio: how many chats run at once (Gradio's own default of 1 would serialize users)
+    ui_concurrency: int = 16
+    ui_update_interval: float = 0.05  # seconds between UI updates while streaming (coalescing)
+    ui_default_max_tokens: int = 4096
+    title: str = "GPT-OSS-Swallow"
+    extra: dict = field(default_factory=dict)
