@@ -125,7 +125,8 @@ def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
     top_k = torch.tensor([p.top_k if 0 < p.top_k < v else v for p in params], device=dev)
     top_p = torch.tensor([p.top_p for p in params], device=dev)
     min_p = torch.tensor([p.min_p for p in params], device=dev)
-    if bool((top_k < v).any() or (top_p < 1.0).any()):
+    # conditions decided on the host from the params: no device syncs
+    if any(0 < p.top_k < v or p.top_p < 1.0 for p in params):
         sorted_p, order = probs.sort(dim=-1, descending=True)
         rank = torch.arange(v, device=dev).unsqueeze(0)
         # top-k first; then, on the renormalized top-k, keep a token while the mass strictly
@@ -137,11 +138,11 @@ def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
         keep_sorted = in_k & (before < top_p.unsqueeze(1))
         keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
         probs = probs * keep
-    if bool((min_p > 0).any()):
+    if any(p.min_p > 0 for p in params):
         probs = probs * (probs >= min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values)
     probs = probs / probs.sum(-1, keepdim=True)
-    greedy = torch.tensor([p.greedy for p in params], device=dev)
-    if bool(greedy.any()):
+    if any(p.greedy for p in params):
+        greedy = torch.tensor([p.greedy for p in params], device=dev)
         one_hot = torch.zeros_like(probs).scatter(1, logits.argmax(-1, keepdim=True), 1.0)
         probs = torch.where(greedy.unsqueeze(1), one_hot, probs)
     return probs

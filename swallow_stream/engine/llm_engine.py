@@ -43,6 +43,7 @@ class EngineOptions:
     kv_cache_memory: int | None = None  # bytes; None: 0.9 of free GPU memory, 512 MiB on cpu
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
+    cuda_graphs: bool | None = None  # None: on when the device is CUDA
     # CPU + torch ops: unpack MXFP4 experts once at load when they fit in this many bytes
     cpu_dequantized_experts_max_bytes: int = 8 << 30
     revision: str | None = None
@@ -108,7 +109,9 @@ class LLMEngine:
             plan.num_full_blocks, plan.num_sliding_blocks, opts.block_size, window, opts.enable_prefix_caching
         )
         self.scheduler = Scheduler(self.kv, opts.max_num_seqs, max_batched)
-        self.runner = ModelRunner(self.config, weights, ops, plan, self.max_model_len)
+        self.runner = ModelRunner(
+            self.config, weights, ops, plan, self.max_model_len, opts.max_num_seqs, opts.cuda_graphs
+        )
         self.stats = EngineStats(kv_blocks_total=self.kv.num_total_blocks)
 
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()

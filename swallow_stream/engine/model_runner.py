@@ -63,8 +63,106 @@ def plan_kv_cache(
     return CachePlan(int(full_blocks), int(sliding_blocks), block_size, per_block)
 
 
+class StaticDecode:
+    """Decode steps (one new token per sequence) through static device buffers.
+
+    On CUDA the forward of each batch-size bucket is captured once as a CUDA graph and replayed:
+    one host-to-device copy of the step's metadata, then a single graph launch. Rows past the
+    real batch are padding (no cache write, a one-token context) whose outputs are dropped.
+    Elsewhere the same buffers feed an eager forward (buckets are exact sizes: no padding).
+    """
+
+    def __init__(self, model: GptOss, kv_caches, max_num_seqs: int, max_blocks: int, use_graphs: bool):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.use_graphs = use_graphs
+        dev = model.device
+        n = max_num_seqs
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.slots = torch.full((2, n), -1, dtype=torch.int64, device=dev)
+        self.tables = torch.zeros((2, n, max_blocks), dtype=torch.int32, device=dev)
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        if use_graphs:
+            sizes = [b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if b < n] + [n]
+        else:
+            sizes = list(range(1, n + 1))
+        self.buckets = sorted(set(sizes))
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
+    def _meta(self, b: int) -> BatchMeta:
+        return BatchMeta(
+            query_start_loc=self.query_start_loc[: b + 1],
+            seq_lens=self.seq_lens[:b],
+            full=CacheGroupMeta(self.slots[FULL, :b], self.tables[FULL, :b]),
+            sliding=CacheGroupMeta(self.slots[SLIDING, :b], self.tables[SLIDING, :b]),
+        )
+
+    def _forward(self, b: int) -> torch.Tensor:
+        return self.model.forward(self.input_ids[:b], self.positions[:b], self._meta(b), self.kv_caches)
+
+    def _capture(self, b: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compiles kernels, settles allocations
+                self._forward(b)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self._forward(b)
+        self.pool = graph.pool()
+        return graph, out
+
+    def fits(self, batch_size: int, max_blocks: int) -> bool:
+        return batch_size <= self.buckets[-1] and max_blocks <= self.tables.shape[2]
+
+    def run(self, batch: list[tuple[Sequence, int]], block_size: int, has_sliding: bool) -> torch.Tensor:
+        """-> hidden [B, H] for a batch of decodes."""
+        b = len(batch)
+        bucket = next(x for x in self.buckets if x >= b)
+        width = self.tables.shape[2]
+        ids, pos, slots, lens = [], [], [[], []], []
+        tables = torch.zeros((2, bucket, width), dtype=torch.int32)
+        for i, (seq, _) in enumerate(batch):
+            p = seq.num_computed
+            ids.append(seq.token_ids[p])
+            pos.append(p)
+            lens.append(p + 1)
+            for g in (FULL, SLIDING) if has_sliding else (FULL,):
+                t = seq.block_tables[g]
+                slots[g].append(t[p // block_size] * block_size + p % block_size)
+                tables[g, i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        pad = bucket - b
+        self.input_ids[:bucket].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
+        self.positions[:bucket].copy_(torch.tensor(pos + [0] * pad), non_blocking=True)
+        self.seq_lens[:bucket].copy_(torch.tensor(lens + [1] * pad, dtype=torch.int32), non_blocking=True)
+        for g in (FULL, SLIDING):
+            col = slots[g] if slots[g] else [-1] * b
+            self.slots[g, :bucket].copy_(torch.tensor(col + [-1] * pad), non_blocking=True)
+        self.tables[:, :bucket].copy_(tables, non_blocking=True)
+        if not self.use_graphs:
+            return self._forward(bucket)[:b]
+        if bucket not in self.graphs:
+            self.graphs[bucket] = self._capture(bucket)
+        graph, out = self.graphs[bucket]
+        graph.replay()
+        return out[:b]
+
+
 class ModelRunner:
-    def __init__(self, cfg: ModelConfig, weights: ModelWeights, ops: OpSet, plan: CachePlan, max_model_len: int):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        weights: ModelWeights,
+        ops: OpSet,
+        plan: CachePlan,
+        max_model_len: int,
+        max_num_seqs: int = 16,
+        use_cuda_graphs: bool | None = None,
+    ):
         self.cfg = cfg
         self.model = GptOss(cfg, weights, ops, max_model_len)
         self.device = weights.embed.device
@@ -79,6 +177,10 @@ class ModelRunner:
                 (torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device))
             )
         self.has_sliding = any(cfg.window_of(i) for i in range(cfg.num_hidden_layers))
+        if use_cuda_graphs is None:
+            use_cuda_graphs = self.device.type == "cuda"
+        max_blocks = -(-max_model_len // plan.block_size)
+        self.decode = StaticDecode(self.model, self.kv_caches, max_num_seqs, max_blocks, use_cuda_graphs)
 
     def _block_table_tensor(self, tables: list[list[int]]) -> torch.Tensor:
         width = max(1, max(len(t) for t in tables))
@@ -133,12 +235,17 @@ class ModelRunner:
     def run(self, batch: list[tuple[Sequence, int]]) -> list[tuple[int, float | None, list[tuple[int, float]] | None]]:
         """One step. Returns, for each sequence that samples (in batch order),
         (token id, its logprob or None, top logprobs or None)."""
-        ids, pos, meta, rows = self.prepare(batch)
-        hidden = self.model.forward(ids, pos, meta, self.kv_caches)
+        decode = all(n == 1 and seq.num_computed + 1 == len(seq.token_ids) for seq, n in batch)
+        if decode and self.decode.fits(len(batch), max(len(s.block_tables[FULL]) for s, _ in batch)):
+            hidden = self.decode.run(batch, self.block_size, self.has_sliding)
+            rows = list(range(len(batch)))
+        else:
+            ids, pos, meta, rows = self.prepare(batch)
+            hidden = self.model.forward(ids, pos, meta, self.kv_caches)[rows]
         if not rows:
             return []
         sampling = [seq for seq, n in batch if seq.num_computed + n == len(seq.token_ids)]
-        logits = self.model.logits(hidden[rows])
+        logits = self.model.logits(hidden)
         params = [s.params for s in sampling]
         for s in sampling:
             if s.params.seed is not None and s.generator is None:
