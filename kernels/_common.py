@@ -1,0 +1,82 @@
+"""Launcher helpers shared by the kernels: argument checks and the CPU-interpreter switch."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Activation dtypes the kernels accept (the KV cache uses the activation dtype).
+ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on CPU tensors (TRITON_INTERPRET=1, set before import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+def check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def check_device(*tensors: torch.Tensor) -> None:
+    dev = tensors[0].device
+    for t in tensors:
+        if t.device != dev:
+            raise ValueError(f"all tensors must be on one device, got {t.device} and {dev}")
+    if dev.type != "cuda" and not interpreting():
+        raise RuntimeError(
+            f"Triton kernels need CUDA tensors (got {dev}); on CPU set TRITON_INTERPRET=1 "
+            "before importing swallow_kernels, or use the torch ops"
+        )
+
+
+def check_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...]) -> None:
+    if t.dtype not in allowed:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in allowed]}, got {t.dtype}")
+
+
+def check_shape(name: str, t: torch.Tensor, shape: tuple) -> None:
+    """`shape` may hold None for free dims."""
+    ok = t.dim() == len(shape) and all(s is None or s == d for s, d in zip(shape, t.shape))
+    if not ok:
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
+
+
+def check_contiguous(name: str, t: torch.Tensor) -> None:
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (strides {t.stride()}, shape {list(t.shape)})")
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; a small stand-in under the interpreter so that
+    CPU tests exercise the same multi-program paths (context splits)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+# Fixed when the kernels are defined (TRITON_INTERPRET is read at import, as triton.jit does).
+INTERPRET = tl.constexpr(interpreting())
+
+
+@triton.jit
+def mma(a, b, acc):
+    """acc + a @ b with fp32 accumulation. The interpreter multiplies bf16 operands as their raw
+    uint16 bits, so there they are widened first (exact: bf16 products fit fp32)."""
+    if INTERPRET:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision="ieee")

@@ -1,0 +1,74 @@
+"""Fused residual add + RMSNorm: (norm(x + residual) * weight, x + residual)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import ACT_DTYPES, check, check_device, check_dtype, check_shape, next_pow2
+
+
+@triton.jit
+def rms_norm_kernel(
+    x_ptr,  # [T, H] activations
+    res_ptr,  # [T, H] residual stream (read only when HAS_RESIDUAL)
+    w_ptr,  # [H] fp32
+    out_ptr,  # [T, H] normed output, x's dtype
+    res_out_ptr,  # [T, H] x + residual, x's dtype (written only when HAS_RESIDUAL)
+    H,
+    stride_x,
+    stride_r,
+    stride_o,
+    stride_ro,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    # One row per program: H <= 8k fits in registers, so the row is read once.
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < H
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        # The sum is rounded to the activation dtype first: the norm reads the stored stream.
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        tl.store(res_out_ptr + row * stride_ro + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    inv = tl.rsqrt(tl.sum(xf * xf, axis=0) / H + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * stride_o + cols, (w * (xf * inv)).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def launch_config(hidden: int) -> dict:
+    block = next_pow2(hidden)
+    return {"BLOCK_H": block, "num_warps": 8 if block >= 4096 else 4 if block >= 1024 else 1}
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + residual) * weight, x + residual); x, residual [T, H]; weight [H] fp32."""
+    check_device(x, weight)
+    check_dtype("x", x, ACT_DTYPES)
+    check(x.dim() == 2 and x.stride(-1) == 1, f"x must be [T, H] with unit last stride, got {list(x.shape)} strides {x.stride()}")
+    t, h = x.shape
+    check_shape("weight", weight, (h,))
+    check(weight.is_contiguous(), "weight must be contiguous")
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if residual is not None:
+        check_device(x, residual)
+        check_shape("residual", residual, (t, h))
+        check(residual.dtype == x.dtype, f"residual dtype {residual.dtype} != x dtype {x.dtype}")
+        check(residual.stride(-1) == 1, "residual must have unit last stride")
+        res_out = torch.empty_like(out)
+    else:
+        residual = res_out = x
+    if t:
+        rms_norm_kernel[(t,)](
+            x, residual, weight, out, res_out, h,
+            x.stride(0), residual.stride(0), out.stride(0), res_out.stride(0), float(eps),
+            HAS_RESIDUAL=res_out is not x, **launch_config(h),
+        )
+    return out, res_out
