@@ -90,9 +90,21 @@ class LocalSource:
         return items
 
     def get(self, block: bool = True) -> list[TokenEvent | Finished]:
+        if self._engine.inline:
+            items = self._channel.get_all(False)
+            while block and not items:
+                self._engine.pump()
+                items = self._channel.get_all(False)
+            return self._convert(items)
         return self._convert(self._channel.get_all(block))
 
     async def aget(self) -> list[TokenEvent | Finished]:
+        if self._engine.inline:
+            items = self._channel.get_all(False)
+            while not items:
+                await asyncio.to_thread(self._engine.pump)
+                items = self._channel.get_all(False)
+            return self._convert(items)
         return self._convert(await self._channel.aget_all())
 
     def cancel(self) -> None:

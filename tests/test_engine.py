@@ -194,3 +194,17 @@ def test_prefix_match_requires_sliding_window_blocks():
     for _ in range(50):
         kv.pools[1].take()
     assert kv.match_prefix(b).num_tokens == 0
+
+
+def test_inline_engine_steps_in_the_consumer(tiny_path, tiny_engine, make_engine):
+    """Inline mode (ZeroGPU): no engine thread; each consumer drives steps; same tokens."""
+    engine = make_engine(tiny_path, inline=True)
+    assert engine.inline and engine._thread is None
+    ref = [solo(tiny_engine, p, 12) for p in PROMPTS[:3]]
+    streams = [stream(p, model=engine, temperature=0, max_tokens=12) for p in PROMPTS[:3]]
+    assert [s.collect().token_ids for s in streams] == ref
+    s = stream(PROMPTS[0], model=engine, temperature=0.7, max_tokens=100)
+    next(s)
+    s.cancel()
+    engine.pump()
+    wait_idle(engine)

@@ -44,6 +44,9 @@ class EngineOptions:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     cuda_graphs: bool | None = None  # None: on when the device is CUDA
+    # No engine thread: consumers drive the steps (`pump`). For hosts where the GPU exists only
+    # inside request handlers (Hugging Face ZeroGPU).
+    inline: bool = False
     # CPU + torch ops: unpack MXFP4 experts once at load when they fit in this many bytes
     cpu_dequantized_experts_max_bytes: int = 8 << 30
     revision: str | None = None
@@ -119,8 +122,11 @@ class LLMEngine:
         self._lock = threading.Lock()
         self._num_unfinished = 0
         self._stopped = False
-        self._thread = threading.Thread(target=self._loop, name=f"swallow-engine-{self.name}", daemon=True)
-        self._thread.start()
+        self._step_lock = threading.Lock()  # inline mode: one consumer steps at a time
+        self._thread = None
+        if not opts.inline:
+            self._thread = threading.Thread(target=self._loop, name=f"swallow-engine-{self.name}", daemon=True)
+            self._thread.start()
 
     @classmethod
     def from_pretrained(cls, source: str, options: EngineOptions | None = None, name: str | None = None) -> "LLMEngine":
@@ -177,7 +183,12 @@ class LLMEngine:
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopped = True
         self._wake.set()
-        self._thread.join(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        else:
+            with self._step_lock:
+                self._drain_inbox()
+                self._cancel_all()
 
     @property
     def num_unfinished(self) -> int:
@@ -192,6 +203,20 @@ class LLMEngine:
                 self._wake.clear()
                 continue
             self.step()
+        self._cancel_all()
+
+    @property
+    def inline(self) -> bool:
+        return self._thread is None
+
+    def pump(self) -> None:
+        """Inline mode: run one step for everyone (the calling consumer waits for its tokens)."""
+        with self._step_lock:
+            self._drain_inbox()
+            if self.scheduler.has_work():
+                self.step()
+
+    def _cancel_all(self) -> None:
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             self._finish(seq, "cancelled", SwallowError("engine shut down"))
 
