@@ -50,6 +50,14 @@ def error_from_frame(frame: dict) -> SwallowError:
     return err
 
 
+def _closed_error(e: Exception) -> SwallowError:
+    rcvd = getattr(e, "rcvd", None)
+    code = getattr(rcvd, "code", None)
+    if code == 1008:
+        return UnauthorizedError(f"connection refused: {getattr(rcvd, 'reason', '') or 'policy violation'}")
+    return SwallowError(f"connection closed before the generation finished ({e})")
+
+
 def ws_url(url: str, api_key: str | None = None, key_in_query: bool = False) -> str:
     """'http://h:7860' -> 'ws://h:7860/ws' (ws/wss URLs with a path are kept)."""
     parts = urlsplit(url)
@@ -134,6 +142,12 @@ class _WSResult:
             raise error_from_frame(frame)
         return []
 
+    def _mine(self, frame: dict) -> bool:
+        """Frames about this generation, and connection-level errors that end it (unauthorized)."""
+        if frame.get("id") == self.id:
+            return True
+        return frame.get("id") is None and frame.get("type") == "error" and frame.get("code") == "unauthorized"
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id} {self.finish_reason or 'streaming'} tokens={len(self.token_ids)}>"
 
@@ -153,29 +167,31 @@ class WSStream(_WSResult):
         self._ws = None
 
     def __iter__(self) -> Iterator[TokenEvent]:
+        from websockets.exceptions import ConnectionClosed
         from websockets.sync.client import connect
 
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else None
-        ws = connect(ws_url(self._url), additional_headers=headers, open_timeout=self._open_timeout,
-                     max_size=None)
-        self._ws = ws
-        try:
-            ws.send(self._payload)
-            while not self.done:
-                frame = json.loads(ws.recv())
-                if frame.get("id") not in (None, self.id):
-                    continue
-                if frame.get("type") == "error" and frame.get("id") is None and frame.get("code") != "unauthorized":
-                    continue  # a connection-level notice, not about this generation
-                yield from self._absorb(frame)
-        finally:
-            if not self.done:
+        with connect(ws_url(self._url), additional_headers=headers, open_timeout=self._open_timeout,
+                     max_size=None) as ws:
+            try:
                 try:
-                    ws.send(json.dumps({"type": "cancel", "id": self.id}))
-                except Exception:
-                    pass
-                self.finish_reason = self.finish_reason or "cancelled"
-            ws.close()
+                    ws.send(self._payload)
+                except ConnectionClosed:
+                    pass  # the server may already have refused us: read its error frame below
+                while not self.done:
+                    try:
+                        frame = json.loads(ws.recv())
+                    except ConnectionClosed as e:
+                        raise _closed_error(e) from e
+                    if self._mine(frame):
+                        yield from self._absorb(frame)
+            finally:
+                if not self.done:
+                    try:
+                        ws.send(json.dumps({"type": "cancel", "id": self.id}))
+                    except Exception:
+                        pass
+                    self.finish_reason = "cancelled"
 
     def collect(self) -> "WSStream":
         for _ in self:
@@ -200,27 +216,31 @@ class AsyncWSStream(_WSResult):
 
     async def _events(self) -> AsyncIterator[TokenEvent]:
         from websockets.asyncio.client import connect
+        from websockets.exceptions import ConnectionClosed
 
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else None
         async with connect(ws_url(self._url), additional_headers=headers, open_timeout=self._open_timeout,
                            max_size=None) as ws:
             try:
-                await ws.send(self._payload)
+                try:
+                    await ws.send(self._payload)
+                except ConnectionClosed:
+                    pass
                 while not self.done:
-                    frame = json.loads(await ws.recv())
-                    if frame.get("id") not in (None, self.id):
-                        continue
-                    if frame.get("type") == "error" and frame.get("id") is None and frame.get("code") != "unauthorized":
-                        continue
-                    for ev in self._absorb(frame):
-                        yield ev
+                    try:
+                        frame = json.loads(await ws.recv())
+                    except ConnectionClosed as e:
+                        raise _closed_error(e) from e
+                    if self._mine(frame):
+                        for ev in self._absorb(frame):
+                            yield ev
             finally:
                 if not self.done:
                     try:
                         await ws.send(json.dumps({"type": "cancel", "id": self.id}))
                     except Exception:
                         pass
-                    self.finish_reason = self.finish_reason or "cancelled"
+                    self.finish_reason = "cancelled"
 
     async def collect(self) -> "AsyncWSStream":
         async for _ in self:

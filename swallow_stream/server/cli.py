@@ -49,10 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=_env("SWALLOW_MODEL"),
                    help="Hub repo id, local checkpoint dir, or 'tiny'; with --backend openai, the remote model "
                         "name (default: picked by hardware / the remote's first model) [SWALLOW_MODEL]")
-    p.add_argument("--host", default=_env("SWALLOW_HOST", "HOST") or "127.0.0.1",
-                   help="bind address (default 127.0.0.1) [SWALLOW_HOST, HOST]")
-    p.add_argument("--port", type=int, default=_env_int("SWALLOW_PORT", "PORT") or 7860,
-                   help="port (default 7860) [SWALLOW_PORT, PORT]")
+    p.add_argument("--host", default=_env("SWALLOW_HOST", "HOST", "GRADIO_SERVER_NAME") or "127.0.0.1",
+                   help="bind address (default 127.0.0.1) [SWALLOW_HOST, HOST, GRADIO_SERVER_NAME (set by Spaces)]")
+    p.add_argument("--port", type=int, default=_env_int("SWALLOW_PORT", "PORT", "GRADIO_SERVER_PORT") or 7860,
+                   help="port (default 7860) [SWALLOW_PORT, PORT, GRADIO_SERVER_PORT]")
     p.add_argument("--api-key", default=_env("SWALLOW_API_KEY"),
                    help="require this key on /ws and /v1/* (Authorization: Bearer; /ws also ?api_key=) [SWALLOW_API_KEY]")
     p.add_argument("--backend", choices=["local", "openai"], default=_env("SWALLOW_BACKEND") or "local",

@@ -8,6 +8,7 @@ anything else is 404 `model_not_found`. Responses always report the served name.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -17,7 +18,7 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..errors import InvalidRequestError, ModelNotFoundError, SwallowError
+from ..errors import SwallowError
 from ..stream import AsyncStream, TokenEvent
 from .auth import bearer_token, key_matches
 from .common import event_batches, model_aliases, open_stream
@@ -211,6 +212,9 @@ def make_router(backend: Any, settings: Settings, metrics: Metrics) -> APIRouter
                 s = open_stream(backend, body["messages"], **kwargs)
             except SwallowError as e:
                 raise _from_swallow(e)
+            except Exception as e:
+                log.exception("opening a chat completion failed")
+                raise APIError(500, f"internal error: {type(e).__name__}: {e}", "internal")
         except APIError as e:
             metrics.count_error("openai", e.code or "error")
             return error_response(e.status, e.message, e.code, e.param)
@@ -231,6 +235,15 @@ async def _complete(s: AsyncStream, rid: str, created: int, include_reasoning: b
     content: list[str] = []
     reasoning: list[str] = []
     lp_events: list[TokenEvent] = []
+
+    async def cancel_on_disconnect() -> None:  # a client that gives up frees the engine at once
+        while not s.done:
+            if await request.is_disconnected():
+                s.cancel()
+                return
+            await asyncio.sleep(0.25)
+
+    watcher = asyncio.create_task(cancel_on_disconnect())
     try:
         async for batch in event_batches(s):
             for ev in batch:
@@ -246,6 +259,7 @@ async def _complete(s: AsyncStream, rid: str, created: int, include_reasoning: b
         metrics.count_error("openai", "internal")
         return error_response(500, f"generation failed: {e}", "internal")
     finally:
+        watcher.cancel()
         s.cancel()
     metrics.count_finish("openai", s.finish_reason or "stop", s.usage)
     message: dict[str, Any] = {"role": "assistant", "content": "".join(content)}

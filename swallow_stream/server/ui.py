@@ -132,6 +132,8 @@ def build_ui(backend: Any, settings: Settings, metrics: Metrics) -> gr.Blocks:
     interval = settings.ui_update_interval
     max_len = int(getattr(backend, "max_model_len", 32768) or 32768)
     default_max = min(settings.ui_default_max_tokens, max_len)
+    if getattr(backend, "is_tiny", False):
+        default_max = min(default_max, 256)  # its output is noise: no point in minutes of it on a CPU
 
     async def respond(message, history, system, effort, temperature, top_p, top_k, min_p, max_tokens,
                       request: gr.Request) -> AsyncIterator[tuple]:
