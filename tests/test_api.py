@@ -134,7 +134,22 @@ def test_load_tiny_offline_and_default():
     assert b.is_tiny and b.name == "tiny"
     s = stream("hi", temperature=0, max_tokens=3).collect()  # default model
     assert s.model == "tiny" and s.usage.completion_tokens == 3
-    b.shutdown()
+
+
+def test_tiny_demo_babbles_reasoning_then_answer(make_engine):
+    """The tiny model's random weights carry a harmony-shaped imprint (checkpoint.synthetic)."""
+    from swallow_stream.checkpoint import materialize_preset
+    from swallow_stream.checkpoint.synthetic import DEMO_REASONING
+
+    b = make_engine(materialize_preset("tiny"))
+    for seed in (0, 1):
+        s = stream("Create a casual one-day Tokyo itinerary in Japanese.", model=b, seed=seed, max_tokens=200)
+        channels = [e.channel for e in s if e.text]
+        assert s.finish_reason == "stop"
+        assert s.reasoning == DEMO_REASONING
+        assert s.answer.startswith("これは") and s.answer.endswith("です。")
+        assert channels == sorted(channels)  # every analysis piece before every final piece
+        assert set(channels) == {"analysis", "final"}
 
 
 @pytest.mark.parametrize(

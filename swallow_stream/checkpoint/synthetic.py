@@ -168,6 +168,102 @@ def random_state_dict(
     return sd
 
 
+DEMO_REASONING = "The tiny model has random weights, so this is noise shaped like reasoning."
+DEMO_ANSWER = "これはランダムな重みの小さなモデルの出力です。"
+
+
+def imprint_harmony_demo(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+    """Make a random model babble in harmony's shape: reasoning first, then an answer. In place.
+
+    A machine with no weights then still shows the reasoning and the answer streaming apart.
+    Attention and expert outputs are scaled down so the last token's embedding dominates the
+    final hidden state, and lm_head rows get each imprinted successor's source direction: a
+    first-order chain `assistant -> <|channel|> -> analysis|final -> <|message|> -> a fixed
+    sentence -> <|end|> | <|return|>`. Two attention heads of a full-attention layer remember
+    whether "analysis" / "final" were already emitted (queries constant, keys firing on that one
+    token, the sink absorbing the rest) and write a marker into the residual stream that tips
+    the two branch points: analysis first, then final, then the answer sentence.
+    """
+    from ..harmony import get_tokenizer
+
+    full_layers = [i for i, t in enumerate(cfg.layer_types) if t == "full_attention"]
+    if cfg.vocab_size < HARMONY_VOCAB_SIZE or not full_layers or cfg.num_key_value_heads < 2:
+        raise ValueError("the harmony demo needs the harmony vocabulary, a full-attention layer and 2 kv heads")
+    tok = get_tokenizer()
+    g = torch.Generator().manual_seed(1234)
+    for i in range(cfg.num_hidden_layers):
+        a, x = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp.experts."
+        sd[a + "o_proj.weight"] *= 0.02
+        sd[a + "o_proj.bias"] *= 0.02
+        sd[x + "down_proj_bias"] *= 0.02
+        if x + "down_proj_scales" in sd:
+            sd[x + "down_proj_scales"] -= 6  # x 2**-6
+        else:
+            sd[x + "down_proj"] *= 0.02
+
+    (assistant,), (analysis,), (final,) = tok.encode("assistant"), tok.encode("analysis"), tok.encode("final")
+    channel, message, end, start, ret = 200005, 200008, 200007, 200006, 200002
+    reasoning, answer = tok.encode(DEMO_REASONING), tok.encode(DEMO_ANSWER)
+    emb = sd["model.embed_tokens.weight"].float()
+    unit = lambda t: emb[t] / emb[t].norm()  # noqa: E731
+    h, d = cfg.hidden_size, cfg.head_dim
+
+    # Markers written by the memory heads: orthogonal to each other and to the branch points.
+    basis = [unit(channel), unit(message)]
+    markers = []
+    for _ in range(2):
+        m = torch.randn(h, generator=g)
+        for b in basis:
+            m -= (m @ b) * b
+        m /= m.norm()
+        basis.append(m)
+        markers.append(m)
+    seen_analysis, seen_final = markers
+
+    # Memory heads: q head 0 (kv head 0) keys on "analysis", the first q head of kv head 1 on
+    # "final". Signals ride the lowest-frequency RoPE pair (dim d/2-1), which barely rotates.
+    layer = f"model.layers.{full_layers[0]}.self_attn."
+    q_w, q_b = sd[layer + "q_proj.weight"].float(), sd[layer + "q_proj.bias"].float()
+    k_w, k_b = sd[layer + "k_proj.weight"].float(), sd[layer + "k_proj.bias"].float()
+    v_w, v_b = sd[layer + "v_proj.weight"].float(), sd[layer + "v_proj.bias"].float()
+    o_w, sinks = sd[layer + "o_proj.weight"].float(), sd[layer + "sinks"].float()
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    j = d // 2 - 1
+    for kv, key_token, marker in ((0, analysis, seen_analysis), (1, final, seen_final)):
+        qh = kv * group
+        q_w[qh * d : (qh + 1) * d] = 0.0
+        q_b[qh * d : (qh + 1) * d] = 0.0
+        q_b[qh * d + j] = 2.6
+        k_w[kv * d : (kv + 1) * d] = 0.0
+        k_b[kv * d : (kv + 1) * d] = 0.0
+        k_w[kv * d + j] = 2.6 * unit(key_token)  # score ~24 on the key token, ~N(0, 3) elsewhere
+        v_w[kv * d : (kv + 1) * d] = 0.0
+        v_b[kv * d : (kv + 1) * d] = 0.0
+        v_w[kv * d] = unit(key_token) / 8.0  # value ~1 on the key token
+        o_w[:, qh * d : (qh + 1) * d] = 0.0
+        o_w[:, qh * d] = 4.0 * marker  # the marker, |4| against an embedding of norm ~8
+        sinks[qh] = 14.0  # without the key token, the sink takes ~98% of the attention
+    for name, t in ((q_w, "q_proj.weight"), (q_b, "q_proj.bias"), (k_w, "k_proj.weight"), (k_b, "k_proj.bias"),
+                    (v_w, "v_proj.weight"), (v_b, "v_proj.bias"), (o_w, "o_proj.weight"), (sinks, "sinks")):
+        sd[layer + t] = name.to(sd[layer + t].dtype)
+
+    # lm_head: logit(b | a) ~ 4 * |e_a| ~ 32 for each chain edge a -> b, far above the random rows.
+    edges = [(assistant, channel), (channel, analysis), (channel, final), (analysis, message), (final, message),
+             (message, reasoning[0]), (message, answer[0]), (reasoning[-1], end), (answer[-1], ret),
+             (end, start), (start, assistant)]
+    edges += list(zip(reasoning, reasoning[1:])) + list(zip(answer, answer[1:]))
+    head = sd["lm_head.weight"].float()
+    head[list({b for _, b in edges})] = 0.0
+    for a, b in edges:
+        head[b] += 4.0 * unit(a)
+    # Branch points: the first choice by default (+4 logits), the second once its marker is on (+7).
+    for first, second, marker in ((analysis, final, seen_analysis), (reasoning[0], answer[0], seen_final)):
+        src = channel if first == analysis else message
+        head[first] += 0.5 * unit(src) - 1.5 * marker
+        head[second] += 1.5 * marker
+    sd["lm_head.weight"] = head.to(sd["lm_head.weight"].dtype)
+
+
 def write_checkpoint(
     path: str | Path,
     cfg: ModelConfig,
@@ -176,11 +272,15 @@ def write_checkpoint(
     generation: GenerationDefaults | None = SWALLOW_GENERATION_DEFAULTS,
     dtype: torch.dtype = torch.bfloat16,
     max_shard_bytes: int | None = None,
+    harmony_demo: bool = False,
 ) -> Path:
-    """Write config.json, generation_config.json and (sharded) safetensors to `path`."""
+    """Write config.json, generation_config.json and (sharded) safetensors to `path`.
+    harmony_demo: imprint the harmony-shaped babble of `imprint_harmony_demo`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     sd = random_state_dict(cfg, seed, dtype=dtype)
+    if harmony_demo:
+        imprint_harmony_demo(sd, cfg)
     hf_cfg = cfg.to_hf_dict()
     hf_cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     (path / "config.json").write_text(json.dumps(hf_cfg, indent=2))
@@ -214,17 +314,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SWALLOW_STREAM_CACHE", Path.home() / ".cache" / "swallow-stream"))
 
 
-def materialize_preset(name: str = "tiny", seed: int = 0) -> Path:
-    """The preset's checkpoint in the local cache, written once (atomically) and reused."""
+def materialize_preset(name: str = "tiny", seed: int = 0, harmony_demo: bool = True) -> Path:
+    """The preset's checkpoint in the local cache, written once (atomically) and reused.
+    `load("tiny")` uses this with the harmony demo imprint."""
     cfg = preset(name)
-    key = hashlib.sha256(json.dumps([cfg.to_hf_dict(), seed, 1]).encode()).hexdigest()[:12]
+    harmony_demo = harmony_demo and cfg.vocab_size >= HARMONY_VOCAB_SIZE
+    key = hashlib.sha256(json.dumps([cfg.to_hf_dict(), seed, harmony_demo, 2]).encode()).hexdigest()[:12]
     target = cache_dir() / "synthetic" / f"{name}-seed{seed}-{key}"
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        write_checkpoint(tmp, cfg, seed)
+        write_checkpoint(tmp, cfg, seed, harmony_demo=harmony_demo)
         try:
             os.rename(tmp, target)
         except OSError:  # another process won the race; its copy is identical
