@@ -15,6 +15,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -91,56 +93,73 @@ def hf_sequential(model, prompts, new_tokens):
     return total / (time.perf_counter() - t0)
 
 
+def run_engine(path, prompt, prompt_ids, new_tokens, stream_counts):
+    engine = LLMEngine(lambda: open_checkpoint(path), EngineOptions(device="cpu", max_num_seqs=16), name="mid")
+    stream("warm up", model=engine, temperature=0, max_tokens=4).collect()
+    prefill_s, decode = time_engine_single(engine, prompt, new_tokens)
+    out = {"prefill_tok_s": len(prompt_ids) / prefill_s, "decode_tok_s": decode, "serving": {}}
+    for n in stream_counts:
+        prompts = [f"Request {i}: " + PROMPT_WORDS for i in range(n)]
+        out["serving"][n] = engine_aggregate(engine, prompts, new_tokens)
+    engine.shutdown()
+    return out
+
+
+def run_hf(path, prompt_ids, new_tokens, stream_counts):
+    hf = hf_model(path)
+    prefill_s, decode = time_hf(hf, prompt_ids, new_tokens)
+    out = {"prefill_tok_s": len(prompt_ids) / prefill_s, "decode_tok_s": decode, "serving": {}}
+    for n in stream_counts:
+        prompts = [f"Request {i}: " + PROMPT_WORDS for i in range(n)]
+        out["serving"][n] = hf_sequential(hf, prompts[: min(n, 4)], new_tokens)  # rate is per request
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--prompt-repeat", type=int, default=12)
     ap.add_argument("--streams", default="1,4,16")
+    ap.add_argument("--part", choices=["engine", "hf"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-
-    cfg = preset("mid")
-    path = write_checkpoint(tempfile.mkdtemp(prefix="mid-"), cfg, seed=0)
-    engine = LLMEngine(open_checkpoint(path), EngineOptions(device="cpu", max_num_seqs=16), name="mid")
-    hf = hf_model(path)
+    counts = [int(x) for x in args.streams.split(",")]
     prompt = PROMPT_WORDS * args.prompt_repeat
     prompt_ids = render_prompt(prompt)
-    n_prompt = len(prompt_ids)
 
-    stream("warm up", model=engine, temperature=0, max_tokens=4).collect()
-    e_prefill, e_decode = time_engine_single(engine, prompt, args.new_tokens)
-    h_prefill, h_decode = time_hf(hf, prompt_ids, args.new_tokens)
+    if args.part:  # one side, in its own process: each gets the CPU's OpenMP threads to itself
+        fn = run_engine(args.checkpoint, prompt, prompt_ids, args.new_tokens, counts) if args.part == "engine" \
+            else run_hf(args.checkpoint, prompt_ids, args.new_tokens, counts)
+        print(json.dumps(fn))
+        return
+
+    path = write_checkpoint(tempfile.mkdtemp(prefix="mid-"), preset("mid"), seed=0)
+    sides = {}
+    for part in ("engine", "hf"):
+        cmd = [sys.executable, __file__, "--part", part, "--checkpoint", str(path), "--new-tokens", str(args.new_tokens),
+               "--prompt-repeat", str(args.prompt_repeat), "--streams", args.streams]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        sides[part] = json.loads(out.strip().splitlines()[-1])
+    e, h = sides["engine"], sides["hf"]
     rows = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} threads",
         "date": time.strftime("%Y-%m-%d"),
         "config": "mid: hidden 512, 4 layers, 16 experts top-4, vocab 201088, MXFP4 experts, fp32 compute",
-        "prompt_tokens": n_prompt,
-        "single": {
-            "engine_prefill_tok_s": n_prompt / e_prefill,
-            "hf_prefill_tok_s": n_prompt / h_prefill,
-            "engine_decode_tok_s": e_decode,
-            "hf_decode_tok_s": h_decode,
-        },
-        "serving": {},
+        "prompt_tokens": len(prompt_ids),
+        "new_tokens": args.new_tokens,
+        "engine": e,
+        "transformers": h,
     }
-    for n in [int(x) for x in args.streams.split(",")]:
-        prompts = [f"Request {i}: " + PROMPT_WORDS for i in range(n)]
-        agg = engine_aggregate(engine, prompts, args.new_tokens)
-        hf_seq = hf_sequential(hf, prompts[: min(n, 4)], args.new_tokens)
-        rows["serving"][n] = {"engine_tok_s": agg, "hf_sequential_tok_s": hf_seq, "ratio": agg / hf_seq}
-    engine.shutdown()
-
-    s = rows["single"]
     print(f"machine: {rows['machine']}  date: {rows['date']}")
-    print(f"config: {rows['config']}; prompt {n_prompt} tokens, {args.new_tokens} new tokens")
-    print(f"prefill tok/s   engine {s['engine_prefill_tok_s']:8.1f}   transformers {s['hf_prefill_tok_s']:8.1f}"
-          f"   ratio {s['engine_prefill_tok_s'] / s['hf_prefill_tok_s']:.2f}x")
-    print(f"decode  tok/s   engine {s['engine_decode_tok_s']:8.1f}   transformers {s['hf_decode_tok_s']:8.1f}"
-          f"   ratio {s['engine_decode_tok_s'] / s['hf_decode_tok_s']:.2f}x")
-    for n, r in rows["serving"].items():
-        print(f"{n:3d} streams: engine {r['engine_tok_s']:8.1f} tok/s aggregate   transformers sequential "
-              f"{r['hf_sequential_tok_s']:8.1f}   ratio {r['ratio']:.2f}x")
+    print(f"config: {rows['config']}; prompt {len(prompt_ids)} tokens, {args.new_tokens} new tokens")
+    for key, label in (("prefill_tok_s", "prefill"), ("decode_tok_s", "decode ")):
+        print(f"{label} tok/s   engine {e[key]:8.1f}   transformers {h[key]:8.1f}   ratio {e[key] / h[key]:.2f}x")
+    for n in counts:
+        a, b = e["serving"][str(n)], h["serving"][str(n)]
+        print(f"{n:3d} streams: engine {a:8.1f} tok/s aggregate   transformers one after another {b:8.1f}   "
+              f"ratio {a / b:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -214,7 +214,8 @@ def load(model: str | None = None, *, make_default: bool = True, backend: str = 
     if name == TINY:
         from .checkpoint import materialize_preset, open_checkpoint
 
-        engine = LLMEngine(open_checkpoint(materialize_preset("tiny")), opts, name=TINY)
+        # written and read in the engine thread: all CPU tensor work stays in one thread
+        engine = LLMEngine(lambda: open_checkpoint(materialize_preset("tiny")), opts, name=TINY)
         b = LocalBackend(engine, is_tiny=True)
     else:
         b = LocalBackend(LLMEngine.from_pretrained(name, opts, name=name))

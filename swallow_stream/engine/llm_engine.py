@@ -74,16 +74,60 @@ _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.
 
 
 class LLMEngine:
-    def __init__(self, checkpoint: Checkpoint, options: EngineOptions | None = None, name: str | None = None):
+    """checkpoint: a Checkpoint, or a zero-argument callable producing one (built in the engine
+    thread). Weights, KV cache and every other tensor are created in the engine thread, the one
+    thread that computes: a second thread of CPU work would get its own OpenMP team, and with
+    more OpenMP threads than cores libgomp stops spinning, halving CPU throughput."""
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint | Callable[[], Checkpoint],
+        options: EngineOptions | None = None,
+        name: str | None = None,
+    ):
         opts = options or EngineOptions()
         self.options = opts
+        if opts.dtype is not None and opts.dtype not in _DTYPES:
+            raise InvalidRequestError(f"unknown dtype {opts.dtype!r}; use one of {', '.join(_DTYPES)}")
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._num_unfinished = 0
+        self._stopped = False
+        self._step_lock = threading.Lock()  # inline mode: one consumer steps at a time
+        self._thread = None
+        if opts.inline:
+            self._build(checkpoint, name)
+            return
+        ready = threading.Event()
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self._build(checkpoint, name)
+            except BaseException as e:  # reported to the constructor's caller
+                failed.append(e)
+                return
+            finally:
+                ready.set()
+            self._loop()
+
+        self._thread = threading.Thread(target=run, name="swallow-engine", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if failed:
+            self._thread.join()
+            raise failed[0]
+
+    def _build(self, checkpoint: Checkpoint | Callable[[], Checkpoint], name: str | None) -> None:
+        opts = self.options
+        if callable(checkpoint) and not isinstance(checkpoint, Checkpoint):
+            checkpoint = checkpoint()
         self.name = name or checkpoint.path.name
         self.checkpoint = checkpoint
         self.config: ModelConfig = checkpoint.config
         self.generation: GenerationDefaults = checkpoint.generation
         device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if opts.dtype is not None and opts.dtype not in _DTYPES:
-            raise InvalidRequestError(f"unknown dtype {opts.dtype!r}; use one of {', '.join(_DTYPES)}")
         dtype = _DTYPES[opts.dtype] if opts.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
         self.device, self.dtype = device, dtype
         self.max_model_len = min(opts.max_model_len, self.config.max_position_embeddings)
@@ -116,17 +160,6 @@ class LLMEngine:
             self.config, weights, ops, plan, self.max_model_len, opts.max_num_seqs, opts.cuda_graphs
         )
         self.stats = EngineStats(kv_blocks_total=self.kv.num_total_blocks)
-
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._lock = threading.Lock()
-        self._num_unfinished = 0
-        self._stopped = False
-        self._step_lock = threading.Lock()  # inline mode: one consumer steps at a time
-        self._thread = None
-        if not opts.inline:
-            self._thread = threading.Thread(target=self._loop, name=f"swallow-engine-{self.name}", daemon=True)
-            self._thread.start()
 
     @classmethod
     def from_pretrained(cls, source: str, options: EngineOptions | None = None, name: str | None = None) -> "LLMEngine":

@@ -188,13 +188,20 @@ def experts(
     out[t] = sum_j weight[t,j] * (down_e(swiglu(gate_up_e(x[t]) + b1_e)) + b2_e), e = ids[t,j].
     Only the experts some token chose are dequantized. Returns [T, H] in x's dtype."""
     t, h = x.shape
-    out = torch.zeros(t, h, dtype=torch.float32, device=x.device)
-    flat_ids = expert_ids.reshape(-1)
-    for e in torch.unique(flat_ids).tolist():
-        tok, slot = torch.nonzero(expert_ids == e, as_tuple=True)
-        xe = x[tok].float()
-        gu = xe @ w.gate_up_weight(e, torch.float32).t() + w.gate_up_bias[e].float()
-        act = swiglu_clamped(gu, swiglu_limit)
-        y = act @ w.down_weight(e, torch.float32).t() + w.down_bias[e].float()
-        out.index_add_(0, tok, y * expert_weights[tok, slot].unsqueeze(-1))
-    return out.to(x.dtype)
+    k = expert_ids.shape[1]
+    flat = expert_ids.reshape(-1).long()  # [T*k] (token, slot) pairs
+    order = torch.argsort(flat, stable=True)  # pairs grouped by expert
+    counts = torch.bincount(flat, minlength=w.num_experts).tolist()
+    tok = order // k
+    xs = x[tok].float()  # [T*k, H]
+    ys = torch.empty(t * k, h, dtype=torch.float32, device=x.device)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        seg = slice(start, start + n)
+        gu = torch.addmm(w.gate_up_bias[e].float(), xs[seg], w.gate_up_weight(e, torch.float32).t())
+        ys[seg] = torch.addmm(w.down_bias[e].float(), swiglu_clamped(gu, swiglu_limit), w.down_weight(e, torch.float32).t())
+        start += n
+    ys *= expert_weights.reshape(-1)[order].unsqueeze(1)
+    return torch.zeros(t, h, dtype=torch.float32, device=x.device).index_add_(0, tok, ys).to(x.dtype)

@@ -238,7 +238,7 @@ def build_ui(backend: Any, settings: Settings, metrics: Metrics) -> gr.Blocks:
                     "The model's reasoning streams in its own collapsible message above the answer.",
                     elem_id="model-info")
         if getattr(backend, "is_tiny", False):
-            gr.Markdown("⚠️ **Tiny demo model**: random weights, so its output is random noise. "
+            gr.Markdown("⚠️ **Tiny demo model**: random weights, so its output is random noise (shaped like reasoning and an answer). "
                         "Run on a GPU machine (or pass `--model`) to serve GPT-OSS-Swallow.",
                         elem_id="tiny-banner")
         chatbot = gr.Chatbot(label="Chat", elem_id="chatbot", height=520, buttons=["copy", "copy_all"],
