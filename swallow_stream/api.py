@@ -129,6 +129,8 @@ class LocalBackend:
         return self.engine.snapshot()
 
     def shutdown(self) -> None:
+        """Stop the engine; `stream()` no longer picks this backend."""
+        unregister(self)
         self.engine.shutdown()
 
 
@@ -165,6 +167,12 @@ class _Registry:
     def default(self) -> Backend | None:
         with self._lock:
             return self._default
+
+    def forget(self, backend: Backend) -> None:
+        with self._lock:
+            self._backends = {k: b for k, b in self._backends.items() if b is not backend}
+            if self._default is backend:
+                self._default = next(iter(self._backends.values()), None)
 
 
 _registry = _Registry()
@@ -225,6 +233,11 @@ def load(model: str | None = None, *, make_default: bool = True, backend: str = 
 
 def default_backend() -> Backend | None:
     return _registry.default()
+
+
+def unregister(backend: Backend) -> None:
+    """Forget a backend (on shutdown): `stream()` no longer picks it by name or as the default."""
+    _registry.forget(backend)
 
 
 def _prepare(prompt_or_messages, model, params_kw, max_tokens, reasoning_effort, system):

@@ -305,4 +305,7 @@ class RemoteBackend:
         }
 
     def shutdown(self) -> None:
+        from ..api import unregister
+
+        unregister(self)
         self._client.close()

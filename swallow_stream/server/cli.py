@@ -108,7 +108,23 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "dtype": args.dtype,
     }
+    if zero_gpu():
+        # the GPU exists only inside spaces.GPU calls: no engine thread, no CUDA graphs
+        opts.update(inline=True, cuda_graphs=False)
     return {k: v for k, v in opts.items() if v is not None}
+
+
+def zero_gpu() -> bool:
+    """Running on Hugging Face ZeroGPU (spaces/app.py sets SWALLOW_ZERO_GPU there)."""
+    return _env("SWALLOW_ZERO_GPU") not in (None, "0", "false")
+
+
+def gpu_decorator() -> Any:
+    if not zero_gpu():
+        return None
+    import spaces
+
+    return spaces.GPU(duration=int(_env("SWALLOW_ZERO_GPU_DURATION") or 120))
 
 
 def load_backend(args: argparse.Namespace) -> tuple[Any, str]:
@@ -136,6 +152,7 @@ def make_settings(args: argparse.Namespace, backend: Any, model_source: str) -> 
         ws_max_frame_bytes=args.ws_max_frame_bytes,
         ws_max_generations=args.ws_max_generations,
         ui_concurrency=args.ui_concurrency or seqs,
+        gpu_decorator=gpu_decorator(),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -22,5 +23,7 @@ class Settings:
     ui_concurrency: int = 16
     ui_update_interval: float = 0.05  # seconds between UI updates while streaming (coalescing)
     ui_default_max_tokens: int = 4096
+    # Wraps the chat handler where the GPU exists only inside decorated calls (ZeroGPU's spaces.GPU).
+    gpu_decorator: Any = None
     title: str = "GPT-OSS-Swallow"
     extra: dict = field(default_factory=dict)

@@ -264,6 +264,8 @@ def build_ui(backend: Any, settings: Settings, metrics: Metrics) -> gr.Blocks:
 
         inputs = [prompt, chatbot, system, effort, temperature, top_p, top_k, min_p, max_tokens]
         outputs = [chatbot, prompt, stats]
+        if settings.gpu_decorator is not None:
+            respond = settings.gpu_decorator(respond)
         common = dict(concurrency_limit=settings.ui_concurrency, concurrency_id="chat", show_progress="hidden")
         ev_submit = prompt.submit(respond, inputs, outputs, api_name="chat", **common)
         ev_click = send.click(respond, inputs, outputs, api_visibility="private", **common)

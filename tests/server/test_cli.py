@@ -127,3 +127,32 @@ def test_python_app_py_picks_a_model_and_serves_everything(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+def test_zero_gpu_runs_the_engine_inline_and_wraps_the_chat(monkeypatch):
+    """On ZeroGPU the GPU exists only inside spaces.GPU calls: no engine thread, chat wrapped."""
+    import sys
+    import types
+
+    from swallow_stream import stream
+    from swallow_stream.server.cli import create_app
+
+    wrapped = []
+
+    def GPU(duration=60):  # noqa: N802 - the real decorator's name
+        def deco(fn):
+            wrapped.append((fn.__name__, duration))
+            return fn
+        return deco
+
+    monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=GPU))
+    monkeypatch.setenv("SWALLOW_ZERO_GPU", "1")
+    monkeypatch.setenv("SWALLOW_ZERO_GPU_DURATION", "90")
+    app, settings, backend = create_app(["--model", "tiny"])
+    try:
+        assert backend.engine.inline and backend.engine.options.cuda_graphs is False
+        assert wrapped == [("respond", 90)]
+        s = stream("hi", model=backend, seed=0, max_tokens=40).collect()
+        assert s.usage.completion_tokens > 0 and s.finish_reason in ("stop", "length")
+    finally:
+        backend.shutdown()
