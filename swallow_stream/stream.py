@@ -11,7 +11,7 @@ import asyncio
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator, Iterator, Protocol
 
 from .errors import SwallowError

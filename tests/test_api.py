@@ -15,15 +15,7 @@ from swallow_stream import (
 )
 from swallow_stream.harmony import get_tokenizer, render_prompt
 
-
-def wait_idle(engine, timeout=10.0):
-    t = time.monotonic() + timeout
-    while time.monotonic() < t:
-        snap = engine.snapshot()
-        if engine.num_unfinished == 0 and snap["running"] == 0 and snap["waiting"] == 0 and snap["kv_blocks_used"] == 0:
-            return snap
-        time.sleep(0.02)
-    raise AssertionError(f"engine not idle: {engine.snapshot()}")
+from engine_helpers import wait_idle
 
 
 def script_tokens(engine, token_ids):

@@ -1,7 +1,6 @@
 """Serving engine: continuous batching, preemption, prefix caching, limits and isolation."""
 
 import threading
-import time
 
 import pytest
 
@@ -10,6 +9,8 @@ from swallow_stream.engine.block_manager import KVCacheManager
 from swallow_stream.engine.sequence import Sequence
 from swallow_stream.sampling import SamplingParams
 
+from engine_helpers import wait_idle
+
 PROMPTS = [
     "Create a casual one-day Tokyo itinerary in Japanese.",
     "東京の一日観光プランを作ってください。",
@@ -17,16 +18,6 @@ PROMPTS = [
     "What is the capital of Japan?",
     "Write a haiku about Mount Fuji.",
 ]
-
-
-def wait_idle(engine, timeout=20.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        s = engine.snapshot()
-        if engine.num_unfinished == 0 and s["running"] == 0 and s["waiting"] == 0 and s["kv_blocks_used"] == 0:
-            return s
-        time.sleep(0.02)
-    raise AssertionError(f"engine not idle: {engine.snapshot()}")
 
 
 def solo(engine, prompt, n):
