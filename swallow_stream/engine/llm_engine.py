@@ -259,15 +259,10 @@ class LLMEngine:
                 cmd, seq = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if cmd == "add":
-                if seq.cancelled:
-                    continue
+            if cmd == "add":  # the inbox is FIFO: a request's add always precedes its cancel
                 self.scheduler.add(seq)
                 self.stats.prompt_tokens_total += seq.num_prompt_tokens
-            elif cmd == "cancel" and seq.status != SequenceStatus.FINISHED:
-                seq.cancelled = True
-                if seq.status == SequenceStatus.WAITING and seq not in self.scheduler.waiting:
-                    continue  # still in the inbox behind this command: skipped when drained
+            elif cmd == "cancel":
                 self._finish(seq, "cancelled")
 
     def _finish(self, seq: Sequence, reason: str, error: Exception | None = None) -> None:

@@ -47,7 +47,6 @@ class Sequence:
         self.block_hashes: list[int] = []  # chained hashes of the full blocks computed so far
         self.generator: torch.Generator | None = None
         self.finish_reason: str | None = None
-        self.cancelled = False
 
     def __len__(self) -> int:
         return len(self.token_ids)
