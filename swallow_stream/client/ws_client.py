@@ -81,8 +81,13 @@ def _request(prompt_or_messages: Any, gid: str, params: dict) -> str:
 class _WSResult:
     """Tallies of one generation, filled from its frames."""
 
-    def __init__(self) -> None:
-        self.id: str | None = None
+    def __init__(self, url: str, prompt_or_messages: Any, api_key: str | None, params: dict,
+                 open_timeout: float, request_id: str | None):
+        self.id = request_id or uuid.uuid4().hex
+        self._url = url
+        self._payload = _request(prompt_or_messages, self.id, params)
+        self._api_key = api_key
+        self._open_timeout = open_timeout
         self.model: str | None = None
         self.prompt_tokens: int | None = None
         self.finish_reason: str | None = None
@@ -156,16 +161,6 @@ class WSStream(_WSResult):
     """Iterate for TokenEvents; afterwards .reasoning, .answer, .finish_reason, .usage, .stats.
     Leaving the loop early sends a cancel and closes the connection."""
 
-    def __init__(self, url: str, prompt_or_messages: Any, api_key: str | None, params: dict,
-                 open_timeout: float, request_id: str | None):
-        super().__init__()
-        self.id = request_id or uuid.uuid4().hex
-        self._url = url
-        self._payload = _request(prompt_or_messages, self.id, params)
-        self._api_key = api_key
-        self._open_timeout = open_timeout
-        self._ws = None
-
     def __iter__(self) -> Iterator[TokenEvent]:
         from websockets.exceptions import ConnectionClosed
         from websockets.sync.client import connect
@@ -201,15 +196,6 @@ class WSStream(_WSResult):
 
 class AsyncWSStream(_WSResult):
     """`async for ev in aws_stream(...)`; the same events and tallies as WSStream."""
-
-    def __init__(self, url: str, prompt_or_messages: Any, api_key: str | None, params: dict,
-                 open_timeout: float, request_id: str | None):
-        super().__init__()
-        self.id = request_id or uuid.uuid4().hex
-        self._url = url
-        self._payload = _request(prompt_or_messages, self.id, params)
-        self._api_key = api_key
-        self._open_timeout = open_timeout
 
     def __aiter__(self) -> AsyncIterator[TokenEvent]:
         return self._events()
