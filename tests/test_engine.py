@@ -199,3 +199,10 @@ def test_inline_engine_steps_in_the_consumer(tiny_path, tiny_engine, make_engine
     s.cancel()
     engine.pump()
     wait_idle(engine)
+
+
+def test_failed_graph_capture_falls_back_to_eager_decode(tiny_path, tiny_engine, make_engine):
+    # on a CPU the capture itself fails: the engine must still serve, decoding eagerly
+    engine = make_engine(tiny_path, cuda_graphs=True)
+    assert engine.runner.decode.use_graphs is False and not engine.runner.decode.graphs
+    assert solo(engine, PROMPTS[1], 10) == solo(tiny_engine, PROMPTS[1], 10)

@@ -7,6 +7,7 @@ of its known tokens (decodes, and prefills whose last chunk this was).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ from ..ops import OpSet
 from ..sampling import sample
 from .block_manager import FULL, SLIDING
 from .sequence import Sequence
+
+log = logging.getLogger("swallow_stream.engine")
 
 
 @dataclass
@@ -116,6 +119,18 @@ class StaticDecode:
         self.pool = graph.pool()
         return graph, out
 
+    def capture_all(self) -> None:
+        """Capture every bucket up front (padding-valued buffers: no cache writes), so no request
+        pays for a capture. A failed capture leaves decode eager rather than the engine down."""
+        try:
+            for b in self.buckets:
+                if b not in self.graphs:
+                    self.graphs[b] = self._capture(b)
+        except Exception:
+            log.exception("CUDA graph capture failed; decoding without graphs")
+            self.graphs.clear()
+            self.use_graphs = False
+
     def fits(self, batch_size: int, max_blocks: int) -> bool:
         return batch_size <= self.buckets[-1] and max_blocks <= self.tables.shape[2]
 
@@ -181,6 +196,8 @@ class ModelRunner:
             use_cuda_graphs = self.device.type == "cuda"
         max_blocks = -(-max_model_len // plan.block_size)
         self.decode = StaticDecode(self.model, self.kv_caches, max_num_seqs, max_blocks, use_cuda_graphs)
+        if use_cuda_graphs:
+            self.decode.capture_all()
 
     def _block_table_tensor(self, tables: list[list[int]]) -> torch.Tensor:
         width = max(1, max(len(t) for t in tables))
