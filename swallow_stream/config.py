@@ -190,6 +190,12 @@ class GenerationDefaults:
         return d
 
 
+# GPT-OSS-Swallow's generation_config.json: the defaults when a model (or a remote server) gives none.
+SWALLOW_GENERATION_DEFAULTS = GenerationDefaults(
+    temperature=0.6, top_p=0.95, top_k=20, min_p=0.0, eos_token_ids=(TOKEN_RETURN, TOKEN_ENDOFTEXT, TOKEN_CALL)
+)
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from ..config import GenerationDefaults
+from ..config import SWALLOW_GENERATION_DEFAULTS, GenerationDefaults
 from ..errors import (
     ContextLengthExceededError,
     InvalidRequestError,
@@ -30,8 +30,6 @@ from ..sampling import SamplingParams
 from ..stream import Finished, QueueChannel, TokenEvent
 
 log = logging.getLogger("swallow_stream.remote")
-
-SWALLOW_DEFAULTS = GenerationDefaults(temperature=0.6, top_p=0.95, top_k=20, min_p=0.0)
 
 
 class RemoteBackendError(SwallowError):
@@ -219,7 +217,7 @@ class RemoteBackend:
     ):
         self.base_url = normalize_base_url(base_url)
         self.api_key = api_key
-        self.generation = generation or SWALLOW_DEFAULTS
+        self.generation = generation or SWALLOW_GENERATION_DEFAULTS
         self.is_tiny = False
         self._client = httpx.Client(
             timeout=httpx.Timeout(timeout, connect=connect_timeout),

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..config import GenerationDefaults, ModelConfig, RopeScaling
+from ..config import SWALLOW_GENERATION_DEFAULTS, GenerationDefaults, ModelConfig, RopeScaling
 
 HARMONY_VOCAB_SIZE = 201088
 
@@ -80,10 +80,6 @@ PRESETS: dict[str, ModelConfig] = {
         layer_types=_alternating(36),
     ),
 }
-
-SWALLOW_GENERATION_DEFAULTS = GenerationDefaults(
-    temperature=0.6, top_p=0.95, top_k=20, min_p=0.0, eos_token_ids=(200002, 199999, 200012)
-)
 
 # E2M1 magnitudes by nibble; the mean square over uniform random nibbles is 8.5625.
 _FP4_MEAN_SQUARE = 8.5625
