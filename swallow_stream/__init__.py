@@ -9,11 +9,12 @@ from .api import astream, auto_model, default_backend, load, stream
 from .errors import (
     CheckpointError,
     ContextLengthExceededError,
+    GenerationError,
     InvalidRequestError,
     OverloadedError,
     SwallowError,
 )
-from .stream import AsyncStream, GenerationError, Stream, TokenEvent
+from .stream import AsyncStream, Stream, TokenEvent
 
 __version__ = "0.1.0"
 

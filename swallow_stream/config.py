@@ -13,18 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Harmony special tokens (o200k_harmony).
-TOKEN_ENDOFTEXT = 199999
-TOKEN_RETURN = 200002
-TOKEN_CHANNEL = 200005
-TOKEN_START = 200006
-TOKEN_END = 200007
-TOKEN_MESSAGE = 200008
-TOKEN_CALL = 200012
+from .errors import ConfigError
+from .harmony.tokens import TOKEN_CALL, TOKEN_ENDOFTEXT, TOKEN_RETURN
 
-
-class ConfigError(ValueError):
-    """A config.json / generation_config.json the engine cannot run."""
+__all__ = ["ConfigError", "GenerationDefaults", "ModelConfig", "RopeScaling", "SWALLOW_GENERATION_DEFAULTS"]
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,28 @@
 """`Stream` / `AsyncStream`: a request's token events, as iterators, plus its outcome.
 
-A stream reads events from a source (the local engine, or a remote OpenAI-compatible server),
-applies stop strings, and keeps the tallies (reasoning, answer, usage, stats). Leaving the loop
-early (break, exception, garbage collection) cancels the request.
+A stream reads events from an `EventSource` (the local engine, a remote OpenAI-compatible server,
+or a swallow-stream server's WebSocket), applies stop strings, and keeps the tallies (reasoning,
+answer, usage, stats). Leaving the loop early (break, exception, garbage collection) cancels the
+request.
+
+Every source is fed by a producer thread (the engine loop, or an HTTP/WebSocket reader) through a
+`QueueChannel` that the consumer owns: a sync consumer blocks on its queue, an async one is woken
+through its event loop, so no producer ever waits on a consumer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import queue
-import threading
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Iterator, Protocol
+from typing import AsyncIterator, Callable, Iterable, Iterator, Protocol, TypeVar
 
-from .errors import SwallowError
+from .errors import GenerationError, SwallowError
+
+# Channels whose text is the answer: the final message, and commentary with no recipient (a
+# preamble; tool calls are not supported, so commentary never carries one), as vLLM reports them.
+ANSWER_CHANNELS = ("final", "commentary")
 
 
 @dataclass(slots=True)
@@ -30,6 +38,10 @@ class TokenEvent:
 
     def __str__(self) -> str:
         return self.text
+
+    @property
+    def is_reasoning(self) -> bool:
+        return self.channel == "analysis"
 
 
 @dataclass(slots=True)
@@ -80,8 +92,62 @@ class Stats:
         }
 
 
-class GenerationError(SwallowError):
-    """A request failed while generating (the engine and other requests go on)."""
+class QueueChannel:
+    """Thread-safe hand-off of items from one producer thread to the consumer that owns it.
+
+    loop: the consumer's event loop (async consumers); each put then wakes it through
+    call_soon_threadsafe, setting the channel's own event and calling `notify` (a front door that
+    serves many streams from one task passes its own wake-up). pump: for an engine without a
+    thread of its own (inline mode), run one engine step while waiting.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None, notify: Callable[[], None] | None = None):
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._loop = loop
+        self._notify = notify
+        self._event = asyncio.Event() if loop is not None else None
+        self.pump: Callable[[], None] | None = None
+
+    def put(self, item) -> None:
+        self._q.put(item)
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._on_put)
+            except RuntimeError:  # loop closed: nobody is listening any more
+                pass
+
+    def _on_put(self) -> None:
+        self._event.set()
+        if self._notify is not None:
+            self._notify()
+
+    def get_all(self, block: bool) -> list:
+        """Everything queued; with block, wait for at least one item."""
+        while True:
+            items = []
+            try:
+                if block and self.pump is None:
+                    items.append(self._q.get())
+                while True:
+                    items.append(self._q.get_nowait())
+            except queue.Empty:
+                pass
+            if items or not block:
+                return items
+            self.pump()
+
+    async def aget_all(self) -> list:
+        while True:
+            items = self.get_all(block=False)
+            if items:
+                return items
+            if self.pump is not None:
+                await asyncio.to_thread(self.pump)
+                continue
+            self._event.clear()
+            if not self._q.empty():
+                continue
+            await self._event.wait()
 
 
 class EventSource(Protocol):
@@ -95,6 +161,28 @@ class EventSource(Protocol):
     async def aget(self) -> list[TokenEvent | Finished]: ...
 
     def cancel(self) -> None: ...
+
+
+class ChannelSource:
+    """An EventSource reading a QueueChannel that a producer thread fills; `_convert` turns what
+    the producer put into events (identity for producers that put events)."""
+
+    def __init__(self, channel: QueueChannel, model: str, prompt_token_ids: list[int] | None = None):
+        self.channel = channel
+        self.model = model
+        self.prompt_token_ids = prompt_token_ids if prompt_token_ids is not None else []
+
+    def _convert(self, items: list) -> list[TokenEvent | Finished]:
+        return items
+
+    def get(self, block: bool = True) -> list[TokenEvent | Finished]:
+        return self._convert(self.channel.get_all(block))
+
+    async def aget(self) -> list[TokenEvent | Finished]:
+        return self._convert(await self.channel.aget_all())
+
+    def cancel(self) -> None:
+        raise NotImplementedError
 
 
 class _StopMatcher:
@@ -128,13 +216,12 @@ class _StopMatcher:
 class _StreamState:
     """Shared bookkeeping of Stream and AsyncStream."""
 
-    def __init__(self, source: EventSource, stop: tuple[str, ...]):
+    def __init__(self, source: EventSource, stop: tuple[str, ...] = ()):
         self._source = source
         self._stop = _StopMatcher(stop) if stop else None
         self._ready: list[TokenEvent] = []
-        self._parts: dict[str, list[str]] = {"analysis": [], "final": []}
-        self.model = source.model
-        self.prompt_token_ids = source.prompt_token_ids
+        self._reasoning: list[str] = []
+        self._answer: list[str] = []
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
         self.error: Exception | None = None
@@ -145,20 +232,31 @@ class _StreamState:
         self._reasoning_count = 0
 
     @property
+    def model(self) -> str:
+        return self._source.model
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self._source.prompt_token_ids
+
+    @property
     def done(self) -> bool:
         return self.finish_reason is not None
 
     @property
     def reasoning(self) -> str:
-        return "".join(self._parts["analysis"])
+        return "".join(self._reasoning)
 
     @property
     def answer(self) -> str:
-        return "".join(self._parts["final"])
+        return "".join(self._answer)
 
     def _text(self, ev: TokenEvent, text: str, channel: str | None) -> TokenEvent:
-        if text and channel in self._parts:
-            self._parts[channel].append(text)
+        if text:
+            if channel == "analysis":
+                self._reasoning.append(text)
+            elif channel in ANSWER_CHANNELS:
+                self._answer.append(text)
         ev.text = text
         return ev
 
@@ -208,7 +306,7 @@ class _StreamState:
         if self._t_first is not None and self.usage.completion_tokens > 1 and now > self._t_first:
             self.stats.tokens_per_second = (self.usage.completion_tokens - 1) / (now - self._t_first)
 
-    def _raise_if_failed(self) -> None:
+    def raise_if_failed(self) -> None:
         if self.finish_reason == "error":
             err = self.error
             if isinstance(err, SwallowError):
@@ -233,7 +331,7 @@ class Stream(_StreamState):
     def __next__(self) -> TokenEvent:
         while not self._ready:
             if self.done:
-                self._raise_if_failed()
+                self.raise_if_failed()
                 raise StopIteration
             self._absorb(self._source.get(block=True))
         return self._ready.pop(0)
@@ -279,7 +377,7 @@ class AsyncStream(_StreamState):
     async def __anext__(self) -> TokenEvent:
         while not self._ready:
             if self.done:
-                self._raise_if_failed()
+                self.raise_if_failed()
                 raise StopAsyncIteration
             self._absorb(await self._source.aget())
         return self._ready.pop(0)
@@ -296,11 +394,23 @@ class AsyncStream(_StreamState):
         self.cancel()
 
     def drain_ready(self) -> list[TokenEvent]:
-        """Events already received, without waiting (servers coalesce these into one frame)."""
-        if not self._ready:
+        """Events already received, without waiting (a front door serving many streams from one
+        task, or coalescing what piled up into one frame). Never raises: check `.error` once done."""
+        if not self._ready and not self.done:
             self._absorb(self._source.get(block=False))
         out, self._ready = self._ready, []
         return out
+
+    async def batches(self) -> AsyncIterator[list[TokenEvent]]:
+        """The events in batches: the next event plus every event already received, so a consumer
+        that is slow to come back sends one frame (or one UI update) instead of hundreds. Raises
+        what the stream raises."""
+        while True:
+            try:
+                ev = await self.__anext__()
+            except StopAsyncIteration:
+                return
+            yield [ev, *self.drain_ready()]
 
     def __del__(self) -> None:
         try:
@@ -331,43 +441,18 @@ class _AsyncLoop:
             pass
 
 
-class QueueChannel:
-    """Thread-safe hand-off of items from a producer thread to one consumer, sync or async.
+K = TypeVar("K")
 
-    Sync consumers block on a queue; async consumers await an asyncio.Event set through the
-    loop's call_soon_threadsafe, so the producer never blocks and the loop never waits on it.
-    """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop | None = None):
-        self._q: queue.SimpleQueue = queue.SimpleQueue()
-        self._loop = loop
-        self._event = asyncio.Event() if loop is not None else None
-        self._closed = threading.Event()
-
-    def put(self, item) -> None:
-        self._q.put(item)
-        if self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._event.set)
-            except RuntimeError:  # loop closed: nobody is listening any more
-                pass
-
-    def get_all(self, block: bool) -> list:
-        items = []
-        if block:
-            items.append(self._q.get())
-        while True:
-            try:
-                items.append(self._q.get_nowait())
-            except queue.Empty:
-                return items
-
-    async def aget_all(self) -> list:
-        while True:
-            items = self.get_all(block=False)
-            if items:
-                return items
-            self._event.clear()
-            if not self._q.empty():
-                continue
-            await self._event.wait()
+def channel_runs(events: Iterable[TokenEvent], key: Callable[[TokenEvent], K] = lambda ev: ev.channel
+                 ) -> list[tuple[K, list[TokenEvent]]]:
+    """Consecutive events with the same key, grouped: [(key, events)]. Front doors send one frame,
+    chunk or UI update per run (key: the channel, or reasoning vs answer)."""
+    runs: list[tuple[K, list[TokenEvent]]] = []
+    for ev in events:
+        k = key(ev)
+        if runs and runs[-1][0] == k:
+            runs[-1][1].append(ev)
+        else:
+            runs.append((k, [ev]))
+    return runs

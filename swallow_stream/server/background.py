@@ -55,7 +55,7 @@ class BackgroundServer:
         self.stop()
 
 
-def serve_in_background(backend: Any = None, settings: Settings | None = None, *, host: str = "127.0.0.1",
+def serve_in_background(backend: "Backend | None" = None, settings: Settings | None = None, *, host: str = "127.0.0.1",
                         port: int = 0, ui: bool = True) -> BackgroundServer:
     """Start the server for `backend` (default: the current default backend) and return it running.
 

@@ -129,7 +129,8 @@ def gpu_decorator() -> Any:
 
 def load_backend(args: argparse.Namespace) -> tuple[Any, str]:
     """-> (backend, model_source) where model_source is "flag" or "auto"."""
-    from ..api import auto_model, load
+    from ..api import load
+    from ..catalog import auto_model
 
     if args.backend == "openai":
         b = load(args.model, backend="openai", base_url=args.base_url, api_key=args.remote_api_key)
@@ -140,18 +141,15 @@ def load_backend(args: argparse.Namespace) -> tuple[Any, str]:
 
 
 def make_settings(args: argparse.Namespace, backend: Any, model_source: str) -> Settings:
-    seqs = args.max_num_seqs or getattr(getattr(getattr(backend, "engine", None), "options", None), "max_num_seqs", None) or 16
     return Settings(
         host=args.host,
         port=args.port,
         api_key=args.api_key or None,
         served_model_names=tuple(args.served_model_name),
         model_source=model_source,
-        backend_kind=args.backend,
-        base_url=args.base_url,
         ws_max_frame_bytes=args.ws_max_frame_bytes,
         ws_max_generations=args.ws_max_generations,
-        ui_concurrency=args.ui_concurrency or seqs,
+        ui_concurrency=args.ui_concurrency,
         gpu_decorator=gpu_decorator(),
     )
 
@@ -175,9 +173,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     backend, source = load_backend(args)
     settings = make_settings(args, backend, source)
-    log.info("serving %s (%s backend%s) on http://%s:%d", backend.name, settings.backend_kind,
+    log.info("serving %s (%s backend%s) on http://%s:%d", backend.name, backend.kind,
              ", picked for this hardware" if source == "auto" else "", settings.host, settings.port)
-    if getattr(backend, "is_tiny", False):
+    if backend.is_tiny:
         log.warning("the tiny model has random weights: its output is noise")
     app = build_app(backend, settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level.lower(),

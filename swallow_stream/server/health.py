@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from ..backends.base import Backend
 from ..stream import Usage
 
 
@@ -36,12 +37,9 @@ class Metrics:
         self.errors[(door, code)] += 1
 
 
-def backend_stats(backend: Any) -> dict:
-    stats = getattr(backend, "stats", None)
-    if stats is None:
-        return {}
+def backend_stats(backend: Backend) -> dict:
     try:
-        return dict(stats())
+        return dict(backend.stats())
     except Exception as e:  # a broken backend shows as not ready, never as a 500 here
         return {"error": f"{type(e).__name__}: {e}"}
 
@@ -50,7 +48,7 @@ def _esc(v: str) -> str:
     return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def prometheus_text(backend: Any, metrics: Metrics) -> str:
+def prometheus_text(backend: Backend, metrics: Metrics) -> str:
     lines: list[str] = []
 
     def metric(name: str, kind: str, help_: str, samples: list[tuple[dict, float]]) -> None:
@@ -60,9 +58,9 @@ def prometheus_text(backend: Any, metrics: Metrics) -> str:
             lab = ",".join(f'{k}="{_esc(v)}"' for k, v in labels.items())
             lines.append(f"{name}{{{lab}}} {value}" if lab else f"{name} {value}")
 
-    model = {"model": getattr(backend, "name", "unknown")}
+    model = {"model": backend.name}
     metric("swallow_info", "gauge", "Served model (value is always 1).",
-           [({**model, "tiny": str(bool(getattr(backend, "is_tiny", False))).lower()}, 1)])
+           [({**model, "tiny": str(backend.is_tiny).lower()}, 1)])
     metric("swallow_uptime_seconds", "gauge", "Seconds since the server started.",
            [({}, round(time.time() - metrics.started, 3))])
     metric("swallow_ws_connections", "gauge", "Open WebSocket connections.", [({}, metrics.ws_connections)])
@@ -87,7 +85,7 @@ def prometheus_text(backend: Any, metrics: Metrics) -> str:
     return "\n".join(lines) + "\n"
 
 
-def make_router(backend: Any, settings: Any, metrics: Metrics) -> APIRouter:
+def make_router(backend: Backend, settings: Any, metrics: Metrics) -> APIRouter:
     router = APIRouter()
 
     @router.get("/health")
@@ -97,9 +95,9 @@ def make_router(backend: Any, settings: Any, metrics: Metrics) -> APIRouter:
         body = {
             "status": "ok" if ready else "degraded",
             "ready": ready,
-            "model": getattr(backend, "name", None),
-            "backend": settings.backend_kind,
-            "is_tiny": bool(getattr(backend, "is_tiny", False)),
+            "model": backend.name,
+            "backend": backend.kind,
+            "is_tiny": backend.is_tiny,
             "model_source": settings.model_source,
             "uptime_s": round(time.time() - metrics.started, 3),
             "engine": engine,

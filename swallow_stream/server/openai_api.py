@@ -18,42 +18,37 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..errors import SwallowError
-from ..stream import AsyncStream, TokenEvent
+from ..backends.base import Backend
+from ..errors import wire
+from ..stream import AsyncStream, TokenEvent, channel_runs
 from .auth import bearer_token, key_matches
-from .common import event_batches, model_aliases, open_stream
+from .doors import error_fields, model_aliases, open_request
 from .health import Metrics
 from .settings import Settings
 
 log = logging.getLogger("swallow_stream.server.openai")
 
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "invalid_request_error",
-    429: "rate_limit_error",
-    500: "server_error",
-}
-
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
+    """An error in OpenAI's shape: the status, type and code follow from a wire code (errors.WIRE)."""
+
+    def __init__(self, code: str, message: str, param: str | None = None, status: int | None = None):
         super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
+        w = wire(code)
+        self.status = status or w.status
+        self.message, self.param = message, param
+        self.type, self.code = w.openai_type, w.openai_code
 
+    @classmethod
+    def of(cls, exc: BaseException) -> "APIError":
+        code, status, message = error_fields(exc)
+        return cls(code, message, "messages" if code == "context_length_exceeded" else None, status)
 
-def error_body(status: int, message: str, code: str | None, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"), "param": param, "code": code}}
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-
-def error_response(status: int, message: str, code: str | None, param: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, code, param), status_code=status)
-
-
-def _from_swallow(e: SwallowError) -> APIError:
-    code = {"not_found": "model_not_found"}.get(e.code, e.code)
-    param = "messages" if e.code == "context_length_exceeded" else None
-    return APIError(e.status, str(e), code, param)
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
 
 
 def _opt(body: dict, key: str, kinds: tuple[type, ...]) -> Any:
@@ -61,9 +56,9 @@ def _opt(body: dict, key: str, kinds: tuple[type, ...]) -> Any:
     if v is None:
         return None
     if isinstance(v, bool) and bool not in kinds:
-        raise APIError(400, f"'{key}' must be {' or '.join(k.__name__ for k in kinds)}", "invalid_request", key)
+        raise APIError("invalid_request", f"'{key}' must be {' or '.join(k.__name__ for k in kinds)}", key)
     if not isinstance(v, kinds):
-        raise APIError(400, f"'{key}' must be {' or '.join(k.__name__ for k in kinds)}, got {v!r}", "invalid_request", key)
+        raise APIError("invalid_request", f"'{key}' must be {' or '.join(k.__name__ for k in kinds)}, got {v!r}", key)
     return v
 
 
@@ -71,16 +66,16 @@ def _stream_kwargs(body: dict) -> dict:
     """OpenAI request fields -> astream() keyword arguments (values checked again by the sampler)."""
     n = body.get("n")
     if n not in (None, 1):
-        raise APIError(400, "only n=1 is supported", "invalid_request", "n")
+        raise APIError("invalid_request", "only n=1 is supported", "n")
     if body.get("tools") or body.get("functions"):
-        raise APIError(400, "tool calling is not supported by this server", "invalid_request", "tools")
+        raise APIError("invalid_request", "tool calling is not supported by this server", "tools")
     max_tokens = body.get("max_completion_tokens")
     if max_tokens is None:
         max_tokens = body.get("max_tokens")
     logprobs = _opt(body, "logprobs", (bool,)) or False
     top_logprobs = _opt(body, "top_logprobs", (int,))
     if top_logprobs and not logprobs:
-        raise APIError(400, "'top_logprobs' needs 'logprobs': true", "invalid_request", "top_logprobs")
+        raise APIError("invalid_request", "'top_logprobs' needs 'logprobs': true", "top_logprobs")
     effort = body.get("reasoning_effort")
     if effort is None and isinstance(body.get("reasoning"), dict):  # Responses-style {"reasoning": {"effort"}}
         effort = body["reasoning"].get("effort")
@@ -134,9 +129,9 @@ def _finish_reason(s: AsyncStream) -> str:
     return {"length": "length"}.get(s.finish_reason or "stop", "stop")
 
 
-def make_router(backend: Any, settings: Settings, metrics: Metrics) -> APIRouter:
+def make_router(backend: Backend, settings: Settings, metrics: Metrics) -> APIRouter:
     router = APIRouter(prefix="/v1")
-    aliases = model_aliases(backend.name, bool(getattr(backend, "is_tiny", False)), settings.served_model_names)
+    aliases = model_aliases(backend.name, backend.is_tiny, settings.served_model_names)
     tokenizer_box: list[Any] = []
 
     def tokenizer() -> Any:
@@ -148,17 +143,16 @@ def make_router(backend: Any, settings: Settings, metrics: Metrics) -> APIRouter
 
     def check_auth(request: Request) -> None:
         if not key_matches(settings.api_key, bearer_token(request.headers)):
-            raise APIError(401, "Missing or incorrect API key: pass it as 'Authorization: Bearer <key>'.",
-                           "invalid_api_key")
+            raise APIError("unauthorized", "Missing or incorrect API key: pass it as 'Authorization: Bearer <key>'.")
 
     def check_model(name: Any) -> None:
         if name is None:
             return
         if not isinstance(name, str):
-            raise APIError(400, "'model' must be a string", "invalid_request", "model")
+            raise APIError("invalid_request", "'model' must be a string", "model")
         if name.lower() not in aliases:
-            raise APIError(404, f"The model '{name}' does not exist; this server serves '{backend.name}'.",
-                           "model_not_found", "model")
+            raise APIError("not_found", f"The model '{name}' does not exist; this server serves '{backend.name}'.",
+                           "model")
 
     @router.get("/models")
     async def list_models(request: Request) -> JSONResponse:
@@ -166,13 +160,13 @@ def make_router(backend: Any, settings: Settings, metrics: Metrics) -> APIRouter
             check_auth(request)
         except APIError as e:
             metrics.count_error("openai", e.code or "error")
-            return error_response(e.status, e.message, e.code, e.param)
+            return e.response()
         card = {
             "id": backend.name,
             "object": "model",
             "created": int(metrics.started),
             "owned_by": "swallow-stream",
-            "max_model_len": getattr(backend, "max_model_len", None),
+            "max_model_len": backend.max_model_len,
         }
         return JSONResponse({"object": "list", "data": [card]})
 
@@ -182,7 +176,7 @@ def make_router(backend: Any, settings: Settings, metrics: Metrics) -> APIRouter
             check_auth(request)
             check_model(model_id)
         except APIError as e:
-            return error_response(e.status, e.message, e.code, e.param)
+            return e.response()
         return JSONResponse({"id": backend.name, "object": "model", "created": int(metrics.started),
                              "owned_by": "swallow-stream"})
 
@@ -193,31 +187,28 @@ def make_router(backend: Any, settings: Settings, metrics: Metrics) -> APIRouter
             try:
                 body = await request.json()
             except ValueError:
-                raise APIError(400, "request body is not valid JSON", "invalid_request")
+                raise APIError("invalid_request", "request body is not valid JSON")
             if not isinstance(body, dict):
-                raise APIError(400, "request body must be a JSON object", "invalid_request")
+                raise APIError("invalid_request", "request body must be a JSON object")
             check_model(body.get("model"))
             if "messages" not in body:
-                raise APIError(400, "'messages' is required", "invalid_request", "messages")
+                raise APIError("invalid_request", "'messages' is required", "messages")
             kwargs = _stream_kwargs(body)
             include_reasoning = body.get("include_reasoning", True)
             if not isinstance(include_reasoning, bool):
-                raise APIError(400, "'include_reasoning' must be a boolean", "invalid_request", "include_reasoning")
+                raise APIError("invalid_request", "'include_reasoning' must be a boolean", "include_reasoning")
             streaming = body.get("stream", False)
             if not isinstance(streaming, bool):
-                raise APIError(400, "'stream' must be a boolean", "invalid_request", "stream")
+                raise APIError("invalid_request", "'stream' must be a boolean", "stream")
             opts = body.get("stream_options") or {}
             include_usage = bool(opts.get("include_usage")) if isinstance(opts, dict) else False
             try:
-                s = open_stream(backend, body["messages"], **kwargs)
-            except SwallowError as e:
-                raise _from_swallow(e)
+                s = open_request(backend, body["messages"], kwargs)
             except Exception as e:
-                log.exception("opening a chat completion failed")
-                raise APIError(500, f"internal error: {type(e).__name__}: {e}", "internal")
+                raise APIError.of(e)
         except APIError as e:
             metrics.count_error("openai", e.code or "error")
-            return error_response(e.status, e.message, e.code, e.param)
+            return e.response()
         metrics.count_request("openai")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -245,19 +236,15 @@ async def _complete(s: AsyncStream, rid: str, created: int, include_reasoning: b
 
     watcher = asyncio.create_task(cancel_on_disconnect())
     try:
-        async for batch in event_batches(s):
+        async for batch in s.batches():
             for ev in batch:
                 (reasoning if ev.channel == "analysis" else content).append(ev.text)
                 if logprobs and ev.channel != "analysis":
                     lp_events.append(ev)
-    except SwallowError as e:
-        metrics.count_error("openai", e.code)
-        err = _from_swallow(e)
-        return error_response(err.status, err.message, err.code, err.param)
     except Exception as e:
-        log.exception("chat completion failed")
-        metrics.count_error("openai", "internal")
-        return error_response(500, f"generation failed: {e}", "internal")
+        err = APIError.of(e)
+        metrics.count_error("openai", err.code)
+        return err.response()
     finally:
         watcher.cancel()
         s.cancel()
@@ -295,22 +282,15 @@ async def _sse(s: AsyncStream, rid: str, created: int, include_reasoning: bool, 
 
     try:
         yield _sse_data(chunk({"role": "assistant", "content": ""}))
-        async for batch in event_batches(s):
-            # one chunk per channel run of what is ready now: a fast engine gets fewer, bigger chunks
-            run: list[TokenEvent] = []
-            for ev in [*batch, None]:
-                if ev is not None and (not run or (run[-1].channel == "analysis") == (ev.channel == "analysis")):
-                    run.append(ev)
-                    continue
-                if run:
-                    text = "".join(e.text for e in run)
-                    is_reasoning = run[0].channel == "analysis"
-                    lp = _logprob_entries(run, tokenizer()) if logprobs and not is_reasoning else None
-                    if is_reasoning and include_reasoning and text:
-                        yield _sse_data(chunk({"reasoning": text, "reasoning_content": text}))
-                    elif not is_reasoning and (text or lp):
-                        yield _sse_data(chunk({"content": text}, lp=lp))
-                run = [ev] if ev is not None else []
+        async for batch in s.batches():
+            # one chunk per run of what is ready now: a fast engine gets fewer, bigger chunks
+            for is_reasoning, run in channel_runs(batch, key=TokenEvent.is_reasoning.fget):
+                text = "".join(e.text for e in run)
+                lp = _logprob_entries(run, tokenizer()) if logprobs and not is_reasoning else None
+                if is_reasoning and include_reasoning and text:
+                    yield _sse_data(chunk({"reasoning": text, "reasoning_content": text}))
+                elif not is_reasoning and (text or lp):
+                    yield _sse_data(chunk({"content": text}, lp=lp))
         metrics.count_finish("openai", s.finish_reason or "stop", s.usage)
         last = chunk({}, _finish_reason(s))
         last["usage"] = _usage(s)
@@ -318,14 +298,10 @@ async def _sse(s: AsyncStream, rid: str, created: int, include_reasoning: bool, 
         if include_usage:
             yield _sse_data({"id": rid, "object": "chat.completion.chunk", "created": created, "model": s.model,
                              "choices": [], "usage": _usage(s)})
-    except SwallowError as e:
-        metrics.count_error("openai", e.code)
-        err = _from_swallow(e)
-        yield _sse_data(error_body(err.status, err.message, err.code, err.param))
     except Exception as e:
-        log.exception("streaming chat completion failed")
-        metrics.count_error("openai", "internal")
-        yield _sse_data(error_body(500, f"generation failed: {e}", "internal"))
+        err = APIError.of(e)
+        metrics.count_error("openai", err.code)
+        yield _sse_data(err.body())
     finally:
         s.cancel()  # the client went away (or we finished): free the engine's blocks
     yield b"data: [DONE]\n\n"

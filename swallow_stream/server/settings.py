@@ -13,14 +13,13 @@ class Settings:
     api_key: str | None = None  # when set, /ws and /v1/* require it (Bearer header; /ws also ?api_key=)
     # Extra names /v1/chat/completions accepts for the served model (besides its own name).
     served_model_names: tuple[str, ...] = ()
-    model_source: str = "flag"  # "flag" (named by --model / SWALLOW_MODEL) or "auto" (picked by hardware)
-    backend_kind: str = "local"  # "local" | "openai"
-    base_url: str | None = None
+    model_source: str = "flag"  # "flag" (named by --model / SWALLOW_MODEL), "auto" (picked by hardware), "remote"
     # WebSocket limits
     ws_max_frame_bytes: int = 1 << 20  # a bigger client frame gets an error frame (connection stays)
     ws_max_generations: int = 8  # concurrent generations per connection
-    # Gradio: how many chats run at once (Gradio's own default of 1 would serialize users)
-    ui_concurrency: int = 16
+    # Gradio: how many chats run at once (Gradio's own default of 1 would serialize users);
+    # None: as many as the backend generates at once
+    ui_concurrency: int | None = None
     ui_update_interval: float = 0.05  # seconds between UI updates while streaming (coalescing)
     ui_default_max_tokens: int = 4096
     # Wraps the chat handler where the GPU exists only inside decorated calls (ZeroGPU's spaces.GPU).

@@ -14,9 +14,10 @@ from typing import Any, AsyncIterator
 
 import gradio as gr
 
+from ..backends.base import Backend
 from ..errors import SwallowError
 from ..stream import AsyncStream
-from .common import open_stream
+from .doors import open_request
 from .health import Metrics
 from .settings import Settings
 
@@ -126,13 +127,13 @@ class ChatSessions:
         return len(group)
 
 
-def build_ui(backend: Any, settings: Settings, metrics: Metrics) -> gr.Blocks:
+def build_ui(backend: Backend, settings: Settings, metrics: Metrics) -> gr.Blocks:
     gen = backend.generation
     sessions = ChatSessions()
     interval = settings.ui_update_interval
-    max_len = int(getattr(backend, "max_model_len", 32768) or 32768)
+    max_len = backend.max_model_len
     default_max = min(settings.ui_default_max_tokens, max_len)
-    if getattr(backend, "is_tiny", False):
+    if backend.is_tiny:
         default_max = min(default_max, 256)  # its output is noise: no point in minutes of it on a CPU
 
     async def respond(message, history, system, effort, temperature, top_p, top_k, min_p, max_tokens,
@@ -146,13 +147,12 @@ def build_ui(backend: Any, settings: Settings, metrics: Metrics) -> gr.Blocks:
         hist.append({"role": "user", "content": text})
         yield hist, "", "waiting for the first token…"
         try:
-            s = open_stream(
-                backend, convo,
+            s = open_request(backend, convo, dict(
                 system=(system or "").strip() or None,
                 reasoning_effort=effort or "medium",
                 temperature=float(temperature), top_p=float(top_p), top_k=int(top_k), min_p=float(min_p),
                 max_tokens=int(max_tokens) if max_tokens else None,
-            )
+            ))
         except SwallowError as e:
             metrics.count_error("ui", e.code)
             hist.append({"role": "assistant", "content": f"⚠️ {e}"})
@@ -233,11 +233,11 @@ def build_ui(backend: Any, settings: Settings, metrics: Metrics) -> gr.Blocks:
     title = settings.title
     with gr.Blocks(title=title, fill_height=False) as demo:
         picked = " (picked for this hardware)" if settings.model_source == "auto" else ""
-        where = f" via `{settings.base_url}`" if settings.backend_kind == "openai" and settings.base_url else ""
+        where = " on a remote server" if backend.kind == "openai" else ""
         gr.Markdown(f"## {title} chat\nServing **`{backend.name}`**{where}{picked}. "
                     "The model's reasoning streams in its own collapsible message above the answer.",
                     elem_id="model-info")
-        if getattr(backend, "is_tiny", False):
+        if backend.is_tiny:
             gr.Markdown("⚠️ **Tiny demo model**: random weights, so its output is random noise (shaped like reasoning and an answer). "
                         "Run on a GPU machine (or pass `--model`) to serve GPT-OSS-Swallow.",
                         elem_id="tiny-banner")
@@ -266,10 +266,11 @@ def build_ui(backend: Any, settings: Settings, metrics: Metrics) -> gr.Blocks:
         outputs = [chatbot, prompt, stats]
         if settings.gpu_decorator is not None:
             respond = settings.gpu_decorator(respond)
-        common = dict(concurrency_limit=settings.ui_concurrency, concurrency_id="chat", show_progress="hidden")
+        concurrency = settings.ui_concurrency or backend.max_num_seqs
+        common = dict(concurrency_limit=concurrency, concurrency_id="chat", show_progress="hidden")
         ev_submit = prompt.submit(respond, inputs, outputs, api_name="chat", **common)
         ev_click = send.click(respond, inputs, outputs, api_visibility="private", **common)
         stop_btn.click(stop, None, None, cancels=[ev_submit, ev_click], queue=False, api_visibility="private")
         clear.click(lambda: ([], ""), None, [chatbot, stats], queue=False, api_visibility="private")
-    demo.queue(default_concurrency_limit=settings.ui_concurrency)
+    demo.queue(default_concurrency_limit=concurrency)
     return demo

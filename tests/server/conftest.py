@@ -84,7 +84,7 @@ def remote_server(standin):
     from swallow_stream.server import Settings, build_app
 
     backend = load(None, backend="openai", base_url=standin.url + "/v1", make_default=False)
-    settings = Settings(backend_kind="openai", base_url=standin.url + "/v1", model_source="remote")
+    settings = Settings(model_source="remote")
     with serve(build_app(backend, settings)) as srv:
         srv.backend = backend
         yield srv

@@ -56,13 +56,11 @@ def engine_idle(backend: Any) -> bool:
 
 
 class ScriptedSource:
-    def __init__(self, backend: "ScriptedBackend", script: list[tuple[str, str]], delay: float, loop, params):
-        from swallow_stream.stream import QueueChannel
-
+    def __init__(self, backend: "ScriptedBackend", script: list[tuple[str, str]], delay: float, channel, params):
         self.model = backend.name
         self.prompt_token_ids = [11, 12, 13]
         self._backend = backend
-        self._channel = QueueChannel(loop)
+        self._channel = channel
         self._cancel = threading.Event()
         self._done = threading.Lock()
         self._ended = False
@@ -121,6 +119,10 @@ def reasoning_then_answer(n_reasoning: int = 6, n_answer: int = 8) -> list[tuple
 class ScriptedBackend:
     """Implements the Backend protocol with a script of (channel, text) tokens per request."""
 
+    kind = "local"
+    max_num_seqs = 16
+    closed = False
+
     def __init__(self, name: str = "scripted-model", script: Callable[[list[dict]], list[tuple[str, str]]] | None = None,
                  delay: float = 0.01, is_tiny: bool = False):
         from swallow_stream.config import GenerationDefaults
@@ -138,17 +140,23 @@ class ScriptedBackend:
         self.cancel_seen = threading.Event()
         self.completed = 0
 
-    def open_source(self, messages, *, reasoning_effort, system, params, loop, request_id):
+    def open(self, request, channel):
         if self.fail_with is not None:
             raise self.fail_with
-        self.opened.append({"messages": messages, "reasoning_effort": reasoning_effort, "system": system,
-                            "params": params})
-        src = ScriptedSource(self, self.script(messages), self.delay, loop, params)
+        self.opened.append({"messages": request.messages, "reasoning_effort": request.reasoning_effort,
+                            "system": request.system, "params": request.params})
+        src = ScriptedSource(self, self.script(request.messages), self.delay, channel, request.params)
         self.sources.append(src)
         return src
 
     def stats(self) -> dict:
         return {"model": self.name, "running": sum(1 for s in self.sources if not s._ended)}
+
+    def describe(self) -> dict:
+        return {"backend": self.kind, "model": self.name, "is_tiny": self.is_tiny}
+
+    def shutdown(self) -> None:
+        self.closed = True
 
 
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from swallow_stream.server.cli import engine_options, parse_args, parse_size
-from swallow_stream.server.common import model_aliases
+from swallow_stream.server.doors import model_aliases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV_VARS = ["SWALLOW_MODEL", "SWALLOW_HOST", "HOST", "SWALLOW_PORT", "PORT", "SWALLOW_API_KEY", "SWALLOW_BACKEND",
@@ -150,7 +150,7 @@ def test_zero_gpu_runs_the_engine_inline_and_wraps_the_chat(monkeypatch):
     monkeypatch.setenv("SWALLOW_ZERO_GPU_DURATION", "90")
     app, settings, backend = create_app(["--model", "tiny"])
     try:
-        assert backend.engine.inline and backend.engine.options.cuda_graphs is False
+        assert backend.engine.inline and backend.engine.engine_config.cuda_graphs is False
         assert wrapped == [("respond", 90)]
         s = stream("hi", model=backend, seed=0, max_tokens=40).collect()
         assert s.usage.completion_tokens > 0 and s.finish_reason in ("stop", "length")

@@ -171,7 +171,8 @@ def test_overloaded_is_429(limited_server):
     c.models.list()  # warm the client up first: the first request runs for ~1 s only
     with httpx.stream("POST", limited_server.url + "/v1/chat/completions", timeout=60, json={
             "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 60, "stream": True}) as r:
-        next(r.iter_lines())  # the first one is running and holds the only slot
+        lines = r.iter_lines()  # held: a dropped iterator closes the response, and the server cancels
+        next(lines)  # the first one is running and holds the only slot
         with pytest.raises(openai.RateLimitError) as e:
             c.chat.completions.create(
                 model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)

@@ -121,7 +121,7 @@ def test_cli_builds_the_remote_backend(standin):
     app, settings, backend = create_app(["--backend", "openai", "--base-url", standin.url + "/v1", "--port", "0"])
     try:
         assert isinstance(backend, RemoteBackend) and backend.name == STANDIN_MODEL
-        assert settings.backend_kind == "openai" and settings.base_url == standin.url + "/v1"
+        assert backend.kind == "openai" and backend.base_url == standin.url + "/v1"
         with serve(app) as srv:
             health = httpx.get(srv.url + "/health", timeout=30).json()
             assert health["backend"] == "openai" and health["model"] == STANDIN_MODEL and health["ready"]

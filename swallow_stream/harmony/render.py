@@ -1,0 +1,198 @@
+"""Messages in, harmony prompt token ids out (the rendering vLLM's gpt-oss chat path uses)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Any
+
+from ..errors import InvalidRequestError
+from .vocab import get_encoding
+
+REASONING_EFFORTS = ("low", "medium", "high")
+ROLES = ("system", "developer", "user", "assistant")
+
+
+def normalize_reasoning_effort(value: Any) -> str:
+    """"low" | "medium" | "high" (case-insensitive input), else InvalidRequestError."""
+    if isinstance(value, str) and value.strip().lower() in REASONING_EFFORTS:
+        return value.strip().lower()
+    raise InvalidRequestError(
+        f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}; got {value!r}"
+    )
+
+
+def _text_of(content: Any, where: str, *, allow_none: bool = False) -> str | None:
+    # A str, or OpenAI content parts [{"type": "text", "text": ...}, ...] joined with "\n".
+    if content is None and allow_none:
+        return None
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict):
+                raise InvalidRequestError(
+                    f"{where}.content[{j}] must be an object like "
+                    f'{{"type": "text", "text": "..."}}, got {type(part).__name__}'
+                )
+            kind = part.get("type")
+            if kind != "text":
+                raise InvalidRequestError(
+                    f"{where}.content[{j}] has type {kind!r}; only 'text' parts are supported"
+                )
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise InvalidRequestError(f"{where}.content[{j}].text must be a string")
+            texts.append(text)
+        return "\n".join(texts)
+    if content is None:
+        raise InvalidRequestError(f"{where} has no content")
+    raise InvalidRequestError(
+        f"{where}.content must be a string or a list of text parts, got {type(content).__name__}"
+    )
+
+
+def normalize_messages(prompt_or_messages: Any) -> list[dict[str, str]]:
+    """Validate a prompt (str: one user message) or OpenAI-style messages.
+
+    Returns `[{"role", "content"[, "reasoning"]}]` with every content a str, roles from ROLES and
+    "reasoning" only on assistant messages; raises InvalidRequestError naming the first problem.
+    """
+    if isinstance(prompt_or_messages, str):
+        if not prompt_or_messages.strip():
+            raise InvalidRequestError("prompt is empty")
+        return [{"role": "user", "content": prompt_or_messages}]
+    if not isinstance(prompt_or_messages, (list, tuple)):
+        raise InvalidRequestError(
+            "expected a prompt string or a list of messages, got "
+            f"{type(prompt_or_messages).__name__}"
+        )
+    if not prompt_or_messages:
+        raise InvalidRequestError("messages is empty")
+    out: list[dict[str, str]] = []
+    for i, msg in enumerate(prompt_or_messages):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise InvalidRequestError(
+                f'{where} must be an object with "role" and "content", got {type(msg).__name__}'
+            )
+        role = msg.get("role")
+        if role not in ROLES:
+            if role in ("tool", "function"):
+                raise InvalidRequestError(
+                    f"{where}: role {role!r} is not supported (no tool calling); "
+                    f"allowed roles: {', '.join(ROLES)}"
+                )
+            raise InvalidRequestError(
+                f"{where}: unknown role {role!r}; allowed roles: {', '.join(ROLES)}"
+            )
+        if role == "assistant":
+            if msg.get("tool_calls") or msg.get("function_call"):
+                raise InvalidRequestError(f"{where}: assistant tool calls are not supported")
+            reasoning = msg.get("reasoning")
+            if reasoning is None:
+                reasoning = msg.get("reasoning_content")
+            if reasoning is not None and not isinstance(reasoning, str):
+                raise InvalidRequestError(f"{where}.reasoning must be a string")
+            content = _text_of(msg.get("content"), where, allow_none=bool(reasoning))
+            item = {"role": role, "content": content or ""}
+            if reasoning:
+                item["reasoning"] = reasoning
+            out.append(item)
+        else:
+            if "content" not in msg:
+                raise InvalidRequestError(f"{where} has no content")
+            out.append({"role": role, "content": _text_of(msg["content"], where)})
+    if not any(m["role"] == "user" for m in out):
+        raise InvalidRequestError("messages contain no user message")
+    return out
+
+
+def _date_str(date: Any) -> str | None:
+    if date is None:
+        return None
+    if isinstance(date, (_dt.date, _dt.datetime)):
+        return date.strftime("%Y-%m-%d")
+    if isinstance(date, str) and date.strip():
+        return date.strip()
+    raise InvalidRequestError(f"date must be a YYYY-MM-DD string or a datetime.date, got {date!r}")
+
+
+def render_prompt(
+    messages: Any,
+    *,
+    reasoning_effort: str = "medium",
+    system: str | None = None,
+    date: str | _dt.date | None = None,
+) -> list[int]:
+    """Harmony prompt token ids for a prompt string or OpenAI-style messages (validated here),
+    ending with `<|start|>assistant` (generation starts in its header). See `render_messages`."""
+    return render_messages(normalize_messages(messages), reasoning_effort=reasoning_effort, system=system, date=date)
+
+
+def render_messages(
+    msgs: list[dict[str, str]],
+    *,
+    reasoning_effort: str = "medium",
+    system: str | None = None,
+    date: str | _dt.date | None = None,
+) -> list[int]:
+    """Harmony prompt token ids for messages already through `normalize_messages`.
+
+    `system` and any system/developer messages become the developer message's instructions
+    (argument first, joined by blank lines); assistant "reasoning"/"reasoning_content" becomes
+    an analysis message before the final one. When the last assistant message is a final answer,
+    every analysis message before it is dropped (earlier turns' reasoning never reaches the
+    prompt, as in the gpt-oss chat template).
+    """
+    from openai_harmony import (
+        Conversation,
+        DeveloperContent,
+        Message,
+        ReasoningEffort,
+        Role,
+        SystemContent,
+    )
+
+    effort = normalize_reasoning_effort(reasoning_effort)
+    if system is not None and not isinstance(system, str):
+        raise InvalidRequestError(f"system must be a string, got {type(system).__name__}")
+    day = _date_str(date)
+
+    sys_content = SystemContent.new().with_reasoning_effort(ReasoningEffort(effort.capitalize()))
+    if day:
+        sys_content = sys_content.with_conversation_start_date(day)
+    conv: list[Any] = [Message.from_role_and_content(Role.SYSTEM, sys_content)]
+
+    instructions = [system] if system else []
+    instructions += [
+        m["content"] for m in msgs if m["role"] in ("system", "developer") and m["content"]
+    ]
+    if instructions:
+        dev = DeveloperContent.new().with_instructions("\n\n".join(instructions))
+        conv.append(Message.from_role_and_content(Role.DEVELOPER, dev))
+
+    # (role, channel, text) in order; system/developer were folded into the instructions above.
+    turns: list[tuple[Any, str | None, str]] = []
+    for m in msgs:
+        if m["role"] == "user":
+            turns.append((Role.USER, None, m["content"]))
+        elif m["role"] == "assistant":
+            if m.get("reasoning"):
+                turns.append((Role.ASSISTANT, "analysis", m["reasoning"]))
+            if m["content"] or not m.get("reasoning"):
+                turns.append((Role.ASSISTANT, "final", m["content"]))
+    # Harmony's auto_drop_analysis (0.0.8) only drops analysis *before the first* final message,
+    # so with two or more earlier turns the later turns' reasoning would leak into the prompt.
+    # Dropping everything before the last final first makes harmony's own pass a no-op.
+    assistant = [i for i, t in enumerate(turns) if t[0] == Role.ASSISTANT]
+    if assistant and turns[assistant[-1]][1] == "final":
+        last_final = assistant[-1]
+        turns = [t for i, t in enumerate(turns) if not (t[1] == "analysis" and i < last_final)]
+    for role, channel, text in turns:
+        msg = Message.from_role_and_content(role, text)
+        conv.append(msg.with_channel(channel) if channel else msg)
+    return get_encoding().render_conversation_for_completion(
+        Conversation.from_messages(conv), Role.ASSISTANT
+    )
+
