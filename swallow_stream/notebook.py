@@ -187,8 +187,8 @@ class StreamView:
         self._handle = None
         self._last: float | None = None
 
-    def bundle(self) -> dict[str, str]:
-        now = self.clock()
+    def bundle(self, now: float | None = None) -> dict[str, str]:
+        now = self.clock() if now is None else now
         if len(self.panels) == 1:
             body = self.panels[0].html(now)
         else:
@@ -203,7 +203,7 @@ class StreamView:
         from IPython.display import display
 
         self._last = self.clock()
-        self._handle = display(self.bundle(), raw=True, display_id=True)
+        self._handle = display(self.bundle(self._last), raw=True, display_id=True)
 
     def seen(self, panel: int, ev: Any) -> None:
         self.panels[panel].seen(ev, self.clock())
@@ -216,7 +216,7 @@ class StreamView:
         if self._handle is None:
             self.show()
         else:
-            self._handle.update(self.bundle(), raw=True)
+            self._handle.update(self.bundle(now), raw=True)
 
 
 def rich_frontend() -> bool:
@@ -388,6 +388,15 @@ async def compare(
 # Chat
 
 
+def _content_text(content: Any) -> str:
+    """A message's content as text: a string, or OpenAI's list of text parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
 _SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "logprobs", "top_logprobs")
 
 
@@ -514,9 +523,10 @@ class Chat:
                 parts.append(_reply_html(m.get("reasoning", ""), m.get("content") or "", "", True, None))
                 plain.append(f"assistant: {m.get('content') or ''}")
             else:
-                parts.append(f'<div class="swallow-{m["role"]}" style="white-space:pre-wrap;margin-top:0.8em">'
-                             f'<b>{html.escape(m["role"])}</b>: {html.escape(m["content"])}</div>')
-                plain.append(f"{m['role']}: {m['content']}")
+                text = _content_text(m.get("content"))
+                parts.append(f'<div class="swallow-{html.escape(m["role"])}" style="white-space:pre-wrap;margin-top:0.8em">'
+                             f'<b>{html.escape(m["role"])}</b>: {html.escape(text)}</div>')
+                plain.append(f"{m['role']}: {text}")
         body = "".join(parts)
         display({"text/html": f'<div class="swallow-chat">{body}</div>', "text/plain": "\n".join(plain) or repr(self)},
                 raw=True)
