@@ -14,12 +14,14 @@ from .errors import (
     OverloadedError,
     SwallowError,
 )
+from .notebook import Chat
 from .stream import AsyncStream, Stream, TokenEvent
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncStream",
+    "Chat",
     "CheckpointError",
     "ContextLengthExceededError",
     "GenerationError",

@@ -319,6 +319,16 @@ class _StreamState:
             self._source.cancel()
             self._finish(Finished("cancelled"), time.monotonic())
 
+    def display(self):
+        """Show live in Jupyter, consuming the stream (an AsyncStream returns an awaitable task)."""
+        from .notebook import display_stream
+        return display_stream(self)
+
+    @property
+    def _ipython_display_(self):  # None outside a rich front end: IPython then shows the repr
+        from .notebook import ipython_display_hook
+        return ipython_display_hook(self)
+
     def __repr__(self) -> str:
         state = self.finish_reason or "streaming"
         return f"<{type(self).__name__} {self.model} {state} tokens={len(self.token_ids)}>"
