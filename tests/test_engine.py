@@ -5,9 +5,6 @@ import threading
 import pytest
 
 from swallow_stream import ContextLengthExceededError, OverloadedError, stream
-from swallow_stream.engine.block_manager import KVCacheManager
-from swallow_stream.engine.sequence import Sequence
-from swallow_stream.sampling import SamplingParams
 
 from engine_helpers import wait_idle
 
@@ -147,46 +144,6 @@ def test_failing_request_fails_alone(tiny_path, make_engine):
 
 
 # -- block manager, pure Python -------------------------------------------------------------------
-def seq_of(n):
-    return Sequence(list(range(1000, 1000 + n)), SamplingParams(), emit=lambda out: None)
-
-
-def test_sliding_layers_stop_growing_after_window():
-    kv = KVCacheManager(num_full_blocks=100, num_sliding_blocks=100, block_size=4, window=8)
-    s = seq_of(40)
-    kv.allocate(s, 40)
-    s.num_computed = 40
-    for _ in range(30):  # decode steps
-        s.token_ids.append(7)
-        kv.allocate(s, 1)
-        s.num_computed += 1
-    full_used = 100 - kv.pools[0].num_free
-    sliding_used = 100 - kv.pools[1].num_free
-    assert full_used == 70 // 4 + 1
-    assert sliding_used <= 8 // 4 + 2  # one window of blocks, not the whole history
-    assert s.block_tables[1][:10] == [-1] * 10
-    kv.free(s)
-    assert kv.num_free_blocks == 200
-
-
-def test_prefix_match_requires_sliding_window_blocks():
-    kv = KVCacheManager(num_full_blocks=50, num_sliding_blocks=50, block_size=4, window=8)
-    a = seq_of(33)
-    kv.allocate(a, 33)
-    a.num_computed = 33
-    kv.commit(a)
-    b = seq_of(33)
-    m = kv.match_prefix(b)
-    assert m.num_tokens == 32  # whole blocks, one token left to compute
-    assert all(x >= 0 for x in m.blocks[0]) and m.blocks[1][:6] == [-1] * 6
-    kv.free(a)  # freed blocks keep their names until reused
-    assert kv.match_prefix(b).num_tokens == 32
-    # evict the sliding blocks: the match backs off instead of reading a missing window
-    for _ in range(50):
-        kv.pools[1].take()
-    assert kv.match_prefix(b).num_tokens == 0
-
-
 def test_inline_engine_steps_in_the_consumer(tiny_path, tiny_engine, make_engine):
     """Inline mode (ZeroGPU): no engine thread; each consumer drives steps; same tokens."""
     engine = make_engine(tiny_path, inline=True)
@@ -206,3 +163,25 @@ def test_failed_graph_capture_falls_back_to_eager_decode(tiny_path, tiny_engine,
     engine = make_engine(tiny_path, cuda_graphs=True)
     assert engine.runner.decode.use_graphs is False and not engine.runner.decode.graphs
     assert solo(engine, PROMPTS[1], 10) == solo(tiny_engine, PROMPTS[1], 10)
+
+
+def test_seed_reproduces_tokens_alone_and_in_a_batch(tiny_path, make_engine):
+    """Sampling (temperature 1 on random weights) is reproducible by seed, whatever else shares
+    the batch, and another seed gives another continuation."""
+    engine = make_engine(tiny_path)
+    prompt, n = PROMPTS[0], 24
+
+    def sampled(seed, **kw):
+        return stream(prompt, model=engine, temperature=1.0, top_p=1.0, top_k=0, seed=seed, max_tokens=n, **kw)
+
+    alone = sampled(7).collect().token_ids
+    others = [sampled(100 + i) for i in range(3)]
+    together = sampled(7)
+    batched = together.collect().token_ids
+    for o in others:
+        o.collect()
+    assert engine.snapshot()["num_preemptions"] == 0 and len(alone) == n
+    assert batched == alone
+    assert sampled(8).collect().token_ids != alone
+    # the other requests really sampled (they differ from each other and from seed 7)
+    assert len({tuple(o.token_ids) for o in others} | {tuple(alone)}) == 4

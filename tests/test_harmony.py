@@ -155,6 +155,7 @@ def test_existing_tiktoken_encodings_base_is_respected(vocab_env, tmp_path, monk
     assert hv.vocab_dir_for_loading() == vocab_env
 
 
+@pytest.mark.slow  # a subprocess boots
 def test_fresh_process_loads_harmony_offline(tmp_path):
     # A clean interpreter: no TIKTOKEN_ENCODINGS_BASE, an empty tiktoken-rs cache and proxies
     # that go nowhere, so any download attempt would fail.

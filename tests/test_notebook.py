@@ -12,6 +12,8 @@ from swallow_stream.checkpoint.synthetic import DEMO_REASONING
 
 from notebook_helpers import Elements
 
+pytestmark = pytest.mark.slow  # executes the quickstart notebook in a kernel
+
 NOTEBOOK = Path(__file__).resolve().parent.parent / "examples" / "quickstart.ipynb"
 
 

@@ -12,6 +12,8 @@ import torch
 from swallow_stream import stream
 from swallow_stream.checkpoint import preset, write_checkpoint
 
+pytestmark = pytest.mark.slow  # loads transformers models
+
 transformers = pytest.importorskip("transformers")
 
 CONFIGS = {
@@ -68,3 +70,42 @@ def test_logprobs_and_greedy_match_transformers(checkpoint, make_engine):
     assert torch.allclose(ours, ref_lp, atol=1e-3, rtol=0), (ours - ref_lp).abs().max()
     # and the distributions are not degenerate: the checks above are not comparing one-hots
     assert ref.exp().max(-1).values.mean() < 0.9
+
+
+def _scale_tensor(path, name: str, factor: float) -> None:
+    """Rescale one tensor of a written checkpoint in place (its shard rewritten)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    index = path / "model.safetensors.index.json"
+    shard = path / (json.loads(index.read_text())["weight_map"][name] if index.exists() else "model.safetensors")
+    tensors = load_file(str(shard))
+    tensors[name] = (tensors[name].float() * factor).to(tensors[name].dtype)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+
+
+def test_rms_norm_eps_on_small_activations_matches_transformers(tmp_path, make_engine):
+    """Embeddings of ~1e-3 make mean(x²) ~1e-6, well below rms_norm_eps (1e-5): the layers' first
+    norm then depends on eps as much as on x, so an eps dropped or misplaced changes the logits."""
+    cfg = dataclasses.replace(preset("tiny"), **CONFIGS["A"])
+    path = write_checkpoint(tmp_path / "small", cfg, seed=5)
+    _scale_tensor(path, "model.embed_tokens.weight", 1e-3)
+    hf = transformers.GptOssForCausalLM.from_pretrained(
+        path, dtype=torch.float32, quantization_config=transformers.Mxfp4Config(dequantize=True),
+        attn_implementation="eager").eval()
+    embed = hf.model.embed_tokens.weight
+    assert embed.pow(2).mean() < 0.2 * cfg.rms_norm_eps  # the regime where eps matters
+
+    engine = make_engine(path)
+    s = stream("small activations", model=engine, temperature=0, max_tokens=8, logprobs=True)
+    events = [ev for ev in s if ev.token_id is not None]
+    out_ids = [ev.token_id for ev in events]
+    prompt = s.prompt_token_ids
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt + out_ids])).logits[0].float()
+    ref = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
+    assert out_ids == ref.argmax(-1).tolist()
+    ref_lp = ref.gather(1, torch.tensor(out_ids)[:, None])[:, 0]
+    ours = torch.tensor([ev.logprob for ev in events])
+    assert torch.allclose(ours, ref_lp, atol=1e-3, rtol=0), (ours - ref_lp).abs().max()

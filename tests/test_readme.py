@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
+
+pytestmark = pytest.mark.slow  # runs the README's commands in subprocesses
 
 ROOT = Path(__file__).resolve().parent.parent
 

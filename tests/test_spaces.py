@@ -102,6 +102,7 @@ def space_server(tmp_path_factory):
             proc.kill()
 
 
+@pytest.mark.slow  # a subprocess boots
 def test_space_boots_on_tiny_and_serves_health_ui_ws(space_server):
     base, out = space_server
     health = httpx.get(base + "/health").json()

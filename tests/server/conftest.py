@@ -3,27 +3,13 @@ loaded once per session, a scripted backend with chosen channels, and a vLLM sta
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from server_helpers import ScriptedBackend, make_standin_app, serve
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _cache_dir(tmp_path_factory):
-    """A fresh SWALLOW_STREAM_CACHE for the session (the tiny checkpoint is built there)."""
-    old = os.environ.get("SWALLOW_STREAM_CACHE")
-    os.environ["SWALLOW_STREAM_CACHE"] = str(tmp_path_factory.mktemp("swallow-cache"))
-    yield
-    if old is None:
-        os.environ.pop("SWALLOW_STREAM_CACHE", None)
-    else:
-        os.environ["SWALLOW_STREAM_CACHE"] = old
-
-
 @pytest.fixture(scope="session")
-def tiny_backend(_cache_dir):
+def tiny_backend():
     from swallow_stream import load
 
     b = load("tiny", make_default=False, max_num_seqs=40, max_queued_requests=64)
@@ -52,7 +38,7 @@ def tiny_auth_server(tiny_backend):
 
 
 @pytest.fixture(scope="session")
-def limited_server(_cache_dir):
+def limited_server():
     """A second tiny engine with one slot, no queue and a short context: overloaded and
     context_length_exceeded happen for real."""
     from swallow_stream import load

@@ -10,6 +10,8 @@ import pytest
 
 from server_helpers import ARTIFACTS, ScriptedBackend, serve
 
+pytestmark = pytest.mark.slow  # a headless Chromium per test
+
 CHROMIUM = "/usr/bin/chromium"
 
 REASONING = ("The user wants a casual one-day Tokyo itinerary, written in Japanese. "

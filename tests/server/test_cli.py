@@ -92,6 +92,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # a subprocess boots
 def test_python_app_py_picks_a_model_and_serves_everything(tmp_path):
     """`python app.py` with no --model: picks by hardware (tiny here) and says so on the page."""
     port = _free_port()

@@ -9,12 +9,15 @@ import asyncio
 import json
 import socket
 
+import pytest
 from websockets.asyncio.client import connect
 
 from swallow_stream import stream
 from swallow_stream.client import aws_stream
 
 from server_helpers import await_until, engine_idle
+
+pytestmark = pytest.mark.slow  # dozens of concurrent clients
 
 N_CLIENTS = 32
 MAX_TOKENS = 24
