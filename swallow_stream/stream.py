@@ -96,9 +96,9 @@ class QueueChannel:
     """Thread-safe hand-off of items from one producer thread to the consumer that owns it.
 
     loop: the consumer's event loop (async consumers); each put then wakes it through
-    call_soon_threadsafe, setting the channel's own event and calling `notify` (a front door that
-    serves many streams from one task passes its own wake-up). pump: for an engine without a
-    thread of its own (inline mode), run one engine step while waiting.
+    call_soon_threadsafe: the channel's own event, or instead `notify` (a front door that serves
+    many streams from one task passes its own wake-up and only ever drains without waiting).
+    pump: for an engine without a thread of its own (inline mode), run one engine step while waiting.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None, notify: Callable[[], None] | None = None):
@@ -117,9 +117,10 @@ class QueueChannel:
                 pass
 
     def _on_put(self) -> None:
-        self._event.set()
         if self._notify is not None:
             self._notify()
+        else:
+            self._event.set()
 
     def get_all(self, block: bool) -> list:
         """Everything queued; with block, wait for at least one item."""
