@@ -169,3 +169,20 @@ def test_bad_input_clear_errors(make_engine, tiny_path, prompt, kw, err, match):
         stream(prompt, model=engine, **kw)
     # and the engine still serves
     assert stream("hi", model=engine, temperature=0, max_tokens=2).collect().usage.completion_tokens == 2
+
+
+def test_preamble_commentary_is_answer_text_and_reasoning_is_not():
+    """vLLM reports commentary with no recipient (a preamble) in `content`: so does a Stream."""
+    from swallow_stream.stream import ChannelSource, Finished, QueueChannel, Stream, TokenEvent
+
+    class Fixed(ChannelSource):
+        def cancel(self):
+            pass
+
+    channel = QueueChannel()
+    for ev in [TokenEvent("think ", "analysis", 1), TokenEvent("Let me check. ", "commentary", 2),
+               TokenEvent("", None, 3, special=True), TokenEvent("Done.", "final", 4), Finished("stop")]:
+        channel.put(ev)
+    s = Stream(Fixed(channel, "m")).collect()
+    assert s.reasoning == "think " and s.answer == "Let me check. Done."
+    assert s.token_ids == [1, 2, 3, 4] and s.usage.reasoning_tokens == 1

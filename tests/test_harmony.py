@@ -248,14 +248,24 @@ def test_ids_outside_vocab_do_not_crash(tok):
 # Rendering
 
 
-def _by_hand(enc, msgs, effort=ReasoningEffort.MEDIUM, instructions=None, date=None):
-    sc = SystemContent.new().with_reasoning_effort(effort)
-    if date:
-        sc = sc.with_conversation_start_date(date)
+PINNED_DATE = "2026-01-15"
+
+
+@pytest.fixture(autouse=True)
+def _pinned_date(monkeypatch):
+    """Prompts carry `Current date:`; the tests pin it ($SWALLOW_STREAM_DATE) unless they test it."""
+    monkeypatch.setenv("SWALLOW_STREAM_DATE", PINNED_DATE)
+
+
+def _developer(instructions):
+    return Message.from_role_and_content(Role.DEVELOPER, DeveloperContent.new().with_instructions(instructions))
+
+
+def _by_hand(enc, msgs, effort=ReasoningEffort.MEDIUM, instructions=None, date=PINNED_DATE):
+    sc = SystemContent.new().with_reasoning_effort(effort).with_conversation_start_date(date)
     conv = [Message.from_role_and_content(Role.SYSTEM, sc)]
     if instructions:
-        conv.append(Message.from_role_and_content(
-            Role.DEVELOPER, DeveloperContent.new().with_instructions(instructions)))
+        conv.append(_developer(instructions))
     conv += msgs
     return enc.render_conversation_for_completion(Conversation.from_messages(conv), Role.ASSISTANT)
 
@@ -333,9 +343,13 @@ def test_render_system_and_developer_instructions(enc, tok):
         {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
         {"role": "user", "content": "hello"},
     ]
+    # the first system message is the developer message's instructions; later ones stand where they are
+    assert h.render_prompt(msgs) == _by_hand(enc, [_developer("Be brief."), _user("hello")],
+                                             instructions="Answer in Japanese.")
+    # the `system` argument comes first of all
     ids = h.render_prompt(msgs, system="You are Swallow.", reasoning_effort="high")
-    want = _by_hand(enc, [_user("hello")], effort=ReasoningEffort.HIGH,
-                    instructions="You are Swallow.\n\nAnswer in Japanese.\n\nBe brief.")
+    want = _by_hand(enc, [_developer("Answer in Japanese."), _developer("Be brief."), _user("hello")],
+                    effort=ReasoningEffort.HIGH, instructions="You are Swallow.")
     assert ids == want
     assert h.render_prompt("hello", system="Be brief.") == _by_hand(
         enc, [_user("hello")], instructions="Be brief.")
@@ -561,18 +575,19 @@ def test_utf8_is_buffered_and_invalid_bytes_do_not_stall(tok):
     assert p.feed(by_bytes[tower[3:]]).text == "🗼"
     # A continuation byte on its own can never complete: emitted as U+FFFD at once.
     assert p.feed(by_bytes[b"\x80"]).text == "\ufffd"
-    # An incomplete character cut off by the end of a message is flushed by <|end|>.
+    # An incomplete character cut off by the end of a message is dropped, not turned into U+FFFD...
     p = h.HarmonyStreamParser(tok)
     for i in [h.TOKEN_CHANNEL, *tok.encode("final"), h.TOKEN_MESSAGE, *tok.encode("ok")]:
         p.feed(i)
     assert p.feed(first).text == ""
     end = p.feed(h.TOKEN_END)
-    assert end == h.TokenPiece(h.TOKEN_END, "\ufffd", "final", True)
-    assert p.answer == "ok\ufffd"
-    # ... and by flush() when generation simply stops.
+    assert end == h.TokenPiece(h.TOKEN_END, "", "final", True)
+    assert p.answer == "ok"
+    # ... and so is one cut when generation simply stops; the next message starts clean.
     p = h.HarmonyStreamParser(tok, role=None)
     p.feed(first)
-    assert p.flush() == "\ufffd"
+    assert p.flush() == ""
+    assert p.feed(by_bytes[b"a"]).text == "a"
 
 
 def _feed_all(tok, ids, role="assistant"):

@@ -46,9 +46,8 @@ class HarmonyStreamParser:
     ids past the vocab) have no text and change nothing.
 
     Text is decoded incrementally: bytes of an incomplete UTF-8 character are held until the
-    next token completes them; bytes that cannot become valid UTF-8 turn into U+FFFD. A control
-    token that ends a run of text flushes what is held, so its piece may then carry that
-    remainder (with the channel it belongs to). `flush()` returns what is still held at the end.
+    next token completes them; bytes that cannot become valid UTF-8 turn into U+FFFD. A character
+    left incomplete when its message or the generation ends is dropped.
 
     `reasoning` / `answer` accumulate the text of analysis / final messages;
     `reasoning_tokens` counts pieces on the analysis channel.
@@ -107,10 +106,10 @@ class HarmonyStreamParser:
         return text
 
     def _flush_text(self) -> str:
-        text = self._decoder.decode(b"", final=True)
-        if text:
-            self._emit(text, self._text_channel)
-        return text
+        # Bytes still held are the valid start of a character the model never finished (cut by
+        # a control token, max_tokens or a stop): dropped, so no text ends in U+FFFD.
+        self._decoder.reset()
+        return ""
 
     def _abandon_header(self, final: bool) -> str:
         data = self._tok.decode_bytes(self._header_ids)
@@ -234,7 +233,7 @@ class HarmonyStreamParser:
         return TokenPiece(tid, text, channel, special)
 
     def flush(self) -> str:
-        """Text still held (an incomplete UTF-8 tail becomes U+FFFD); call once generation ends.
+        """Call once generation ends: drops an incomplete UTF-8 tail (returns the text released, "").
 
         An unfinished header (generation cut inside one) is dropped, not released."""
         try:

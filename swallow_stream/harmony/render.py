@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import os
 from typing import Any
 
 from ..errors import InvalidRequestError
@@ -108,13 +109,21 @@ def normalize_messages(prompt_or_messages: Any) -> list[dict[str, str]]:
     return out
 
 
-def _date_str(date: Any) -> str | None:
+ENV_DATE = "SWALLOW_STREAM_DATE"
+
+
+def conversation_date(date: Any = None) -> str:
+    """The system message's `Current date:` YYYY-MM-DD: `date`, else $SWALLOW_STREAM_DATE (pin it
+    for reproducible prompts), else today (local time, as vLLM renders it)."""
     if date is None:
-        return None
+        date = os.environ.get(ENV_DATE) or _dt.datetime.now()
     if isinstance(date, (_dt.date, _dt.datetime)):
         return date.strftime("%Y-%m-%d")
-    if isinstance(date, str) and date.strip():
-        return date.strip()
+    if isinstance(date, str):
+        try:
+            return _dt.date.fromisoformat(date.strip()).strftime("%Y-%m-%d")
+        except ValueError:
+            pass
     raise InvalidRequestError(f"date must be a YYYY-MM-DD string or a datetime.date, got {date!r}")
 
 
@@ -137,19 +146,24 @@ def render_messages(
     system: str | None = None,
     date: str | _dt.date | None = None,
 ) -> list[int]:
-    """Harmony prompt token ids for messages already through `normalize_messages`.
+    """Harmony prompt token ids for messages already through `normalize_messages`, rendered as
+    vLLM's gpt-oss chat path renders them (the path Swallow was evaluated with):
 
-    `system` and any system/developer messages become the developer message's instructions
-    (argument first, joined by blank lines); assistant "reasoning"/"reasoning_content" becomes
-    an analysis message before the final one. When the last assistant message is a final answer,
-    every analysis message before it is dropped (earlier turns' reasoning never reaches the
-    prompt, as in the gpt-oss chat template).
+    - the system message: reasoning effort and `Current date:` (`date`, else $SWALLOW_STREAM_DATE,
+      else today);
+    - the first message, when it is system or developer (or the `system` argument, which comes
+      first), becomes the developer message's instructions; later system/developer messages
+      become developer messages where they stand;
+    - an assistant turn's reasoning is an analysis message, its content a final one; a turn with
+      neither is skipped; analysis before the last final message is dropped (earlier turns'
+      reasoning never reaches the prompt).
     """
     from openai_harmony import (
         Conversation,
         DeveloperContent,
         Message,
         ReasoningEffort,
+        RenderConversationConfig,
         Role,
         SystemContent,
     )
@@ -157,42 +171,34 @@ def render_messages(
     effort = normalize_reasoning_effort(reasoning_effort)
     if system is not None and not isinstance(system, str):
         raise InvalidRequestError(f"system must be a string, got {type(system).__name__}")
-    day = _date_str(date)
+    if system:
+        msgs = [{"role": "system", "content": system}, *msgs]
 
-    sys_content = SystemContent.new().with_reasoning_effort(ReasoningEffort(effort.capitalize()))
-    if day:
-        sys_content = sys_content.with_conversation_start_date(day)
+    def developer(instructions: str) -> Any:
+        return Message.from_role_and_content(Role.DEVELOPER, DeveloperContent.new().with_instructions(instructions))
+
+    sys_content = (SystemContent.new().with_reasoning_effort(ReasoningEffort(effort.capitalize()))
+                   .with_conversation_start_date(conversation_date(date)))
     conv: list[Any] = [Message.from_role_and_content(Role.SYSTEM, sys_content)]
-
-    instructions = [system] if system else []
-    instructions += [
-        m["content"] for m in msgs if m["role"] in ("system", "developer") and m["content"]
-    ]
-    if instructions:
-        dev = DeveloperContent.new().with_instructions("\n\n".join(instructions))
-        conv.append(Message.from_role_and_content(Role.DEVELOPER, dev))
-
-    # (role, channel, text) in order; system/developer were folded into the instructions above.
-    turns: list[tuple[Any, str | None, str]] = []
+    if msgs and msgs[0]["role"] in ("system", "developer"):
+        if msgs[0]["content"]:
+            conv.append(developer(msgs[0]["content"]))
+        msgs = msgs[1:]
     for m in msgs:
-        if m["role"] == "user":
-            turns.append((Role.USER, None, m["content"]))
-        elif m["role"] == "assistant":
+        if m["role"] in ("system", "developer"):
+            conv.append(developer(m["content"]))
+        elif m["role"] == "user":
+            conv.append(Message.from_role_and_content(Role.USER, m["content"]))
+        else:
             if m.get("reasoning"):
-                turns.append((Role.ASSISTANT, "analysis", m["reasoning"]))
-            if m["content"] or not m.get("reasoning"):
-                turns.append((Role.ASSISTANT, "final", m["content"]))
-    # Harmony's auto_drop_analysis (0.0.8) only drops analysis *before the first* final message,
-    # so with two or more earlier turns the later turns' reasoning would leak into the prompt.
-    # Dropping everything before the last final first makes harmony's own pass a no-op.
-    assistant = [i for i, t in enumerate(turns) if t[0] == Role.ASSISTANT]
-    if assistant and turns[assistant[-1]][1] == "final":
-        last_final = assistant[-1]
-        turns = [t for i, t in enumerate(turns) if not (t[1] == "analysis" and i < last_final)]
-    for role, channel, text in turns:
-        msg = Message.from_role_and_content(role, text)
-        conv.append(msg.with_channel(channel) if channel else msg)
+                conv.append(Message.from_role_and_content(Role.ASSISTANT, m["reasoning"]).with_channel("analysis"))
+            if m["content"]:
+                conv.append(Message.from_role_and_content(Role.ASSISTANT, m["content"]).with_channel("final"))
+    # Harmony's own auto_drop_analysis (0.0.8) only drops analysis before the *first* final
+    # message; with several earlier turns their reasoning would leak into the prompt.
+    finals = [i for i, msg in enumerate(conv) if msg.channel == "final"]
+    if finals:
+        conv = [msg for i, msg in enumerate(conv) if not (msg.channel == "analysis" and i < finals[-1])]
     return get_encoding().render_conversation_for_completion(
-        Conversation.from_messages(conv), Role.ASSISTANT
+        Conversation.from_messages(conv), Role.ASSISTANT, config=RenderConversationConfig(auto_drop_analysis=False)
     )
-
