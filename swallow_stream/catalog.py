@@ -7,17 +7,26 @@ MODEL_20B = "tokyotech-llm/GPT-OSS-Swallow-20B-RL-v0.1"
 TINY = "tiny"
 
 
-def auto_model() -> str:
-    """The model this hardware can serve: 120B MXFP4 on an 80 GB-class GPU, 20B on 16 GB+, else tiny."""
-    try:
-        import torch
+# Largest first; the planner reads their real shapes (the synthetic presets of the same name).
+BY_SIZE = ((MODEL_120B, "120b"), (MODEL_20B, "20b"))
 
-        if torch.cuda.is_available():
-            total = torch.cuda.get_device_properties(0).total_memory
-            if total >= 75 * 2**30:
-                return MODEL_120B
-            if total >= 15 * 2**30:
-                return MODEL_20B
-    except Exception:  # no usable CUDA: fall through to tiny
-        pass
+
+def smaller_than(model: str) -> str | None:
+    names = [m for m, _ in BY_SIZE]
+    return names[names.index(model) + 1] if model in names[:-1] else None
+
+
+def auto_model(gpu: tuple[int, str] | None = None) -> str:
+    """The largest Swallow model this GPU holds with the default engine options (the planner's
+    arithmetic on the real configs), else tiny. gpu: (total bytes, name); None: the CUDA device."""
+    from .checkpoint.synthetic import preset
+    from .engine.config import EngineOptions
+    from .engine.planner import cuda_memory, plan_engine
+
+    gpu = gpu or cuda_memory()
+    if gpu is None:
+        return TINY
+    for model, shape in BY_SIZE:
+        if plan_engine(preset(shape), model, EngineOptions(), gpu[0], gpu_name=gpu[1]).fits:
+            return model
     return TINY

@@ -85,6 +85,10 @@ class CheckpointError(SwallowError, ValueError):
     """A checkpoint that cannot be loaded: missing files, wrong shapes, truncated, wrong architecture."""
 
 
+class InsufficientMemoryError(SwallowError):
+    """The model does not fit the GPU with these options (said before anything is downloaded)."""
+
+
 class VocabError(SwallowError, RuntimeError):
     """The o200k vocab is missing, unreadable or fails its sha256 check."""
 

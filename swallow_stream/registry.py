@@ -8,6 +8,7 @@ shut down (open requests cancelled, engine threads stopped) before torch tears d
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import threading
 from typing import Any
@@ -16,8 +17,11 @@ from .backends.base import Backend
 from .backends.local import LocalBackend
 from .catalog import TINY, auto_model
 from .engine import EngineOptions, LLMEngine, StopPolicy
+from .engine.planner import preflight
 from .errors import InvalidRequestError
 from .harmony.tokens import STOP_TOKEN_IDS, TOKEN_END
+
+log = logging.getLogger("swallow_stream")
 
 # The harmony format's stops: a final answer or a tool call ends generation; `<|end|>` only
 # closes the analysis message before the final one.
@@ -32,6 +36,9 @@ def make_local_backend(model: str, **options: Any) -> LocalBackend:
         # written and read in the engine thread: all CPU tensor work stays in one thread
         engine = LLMEngine(lambda: open_checkpoint(materialize_preset("tiny")), opts, name=TINY, stops=HARMONY_STOPS)
         return LocalBackend(engine, is_tiny=True)
+    plan = preflight(model, opts)  # before any weight is downloaded
+    if plan is not None:
+        log.info("%s", plan.table())
     return LocalBackend(LLMEngine.from_pretrained(model, opts, name=model, stops=HARMONY_STOPS))
 
 

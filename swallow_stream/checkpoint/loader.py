@@ -119,10 +119,7 @@ def resolve(source: str | os.PathLike, *, revision: str | None = None) -> Path:
     if p.is_dir():
         return p
     s = str(source)
-    if s.count("/") != 1 or s.startswith((".", "/", "~")):
-        raise CheckpointError(
-            f"{s!r} is neither an existing directory nor a Hub repo id of the form 'owner/name'"
-        )
+    _check_repo_id(s)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -145,6 +142,60 @@ def resolve(source: str | os.PathLike, *, revision: str | None = None) -> Path:
         raise CheckpointError(f"Hub repo {s!r} not found (or gated without a token)") from None
     except HfHubHTTPError as e:
         raise CheckpointError(f"downloading {s!r} failed: {e}") from None
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What is known of a checkpoint before its weights are fetched."""
+
+    config: ModelConfig
+    total_bytes: int | None  # the weight files' size (the index's metadata.total_size)
+
+
+def peek(source: str | os.PathLike, *, revision: str | None = None) -> CheckpointInfo:
+    """config.json and the weights' total size, fetching only those small files from the Hub."""
+    p = Path(source).expanduser()
+    if p.is_dir():
+        files = {n: p / n for n in ("config.json", "model.safetensors.index.json") if (p / n).exists()}
+        if "model.safetensors.index.json" not in files and (p / "model.safetensors").exists():
+            size: int | None = (p / "model.safetensors").stat().st_size
+        else:
+            size = None
+    else:
+        _check_repo_id(str(source))
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+        files, size = {}, None
+        for n in ("config.json", "model.safetensors.index.json"):
+            try:
+                files[n] = Path(hf_hub_download(str(source), n, revision=revision))
+            except EntryNotFoundError:
+                continue
+            except LocalEntryNotFoundError as e:
+                raise CheckpointError(f"{source!r}: {n} is not in the local Hugging Face cache and the Hub "
+                                      f"cannot be reached: {e}") from None
+            except HfHubHTTPError as e:
+                raise CheckpointError(f"{source!r}: fetching {n} failed: {e}") from None
+    if "config.json" not in files:
+        raise CheckpointError(f"{source}: no config.json")
+    try:
+        cfg = ModelConfig.from_file(files["config.json"])
+    except ConfigError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    if "model.safetensors.index.json" in files:
+        try:
+            size = int(json.loads(files["model.safetensors.index.json"].read_text())["metadata"]["total_size"])
+        except (ValueError, KeyError, TypeError):
+            size = None
+    return CheckpointInfo(cfg, size)
+
+
+def _check_repo_id(s: str) -> None:
+    if s.count("/") != 1 or s.startswith((".", "/", "~")):
+        raise CheckpointError(
+            f"{s!r} is neither an existing directory nor a Hub repo id of the form 'owner/name'"
+        )
 
 
 def _read_header(f: Path) -> dict[str, dict]:

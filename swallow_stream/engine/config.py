@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -43,6 +44,9 @@ class EngineOptions:
     inline: bool = False
     # CPU + torch ops: unpack MXFP4 experts once at load when they fit in this many bytes
     cpu_dequantized_experts_max_bytes: int = 8 << 30
+    # Dense (bf16) experts quantized to MXFP4 while loading: None = on CUDA (a quarter of the
+    # memory, the MXFP4 kernels); False keeps them dense; True quantizes on any device.
+    quantize_dense_experts: bool | None = None
     revision: str | None = None
 
     @classmethod
@@ -78,7 +82,7 @@ class StopPolicy:
 class EngineConfig:
     device: torch.device
     dtype: torch.dtype
-    ops: str  # "auto" | "torch" | "triton", as asked; the runner's OpSet says what runs
+    ops: str  # "torch" | "triton": what runs (`resolve_ops`)
     max_model_len: int
     max_num_seqs: int
     max_queued_requests: int
@@ -88,6 +92,30 @@ class EngineConfig:
     cuda_graphs: bool | None
     stop_token_ids: frozenset[int]
     dequantize_experts: bool  # CPU + torch ops: hold MXFP4 experts unpacked (fp32)
+    quantize_experts: bool  # dense experts -> MXFP4 while loading
+    kv_cache_memory: int | None
+    gpu_memory_utilization: float
+
+
+def resolve(self, cfg: ModelConfig, generation: GenerationDefaults) -> frozenset[int]:
+        return (self.always | frozenset(cfg.eos_token_ids) | frozenset(generation.eos_token_ids)) - self.never
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    device: torch.device
+    dtype: torch.dtype
+    ops: str  # "torch" | "triton": what runs (`resolve_ops`)
+    max_model_len: int
+    max_num_seqs: int
+    max_queued_requests: int
+    max_num_batched_tokens: int
+    block_size: int
+    enable_prefix_caching: bool
+    cuda_graphs: bool | None
+    stop_token_ids: frozenset[int]
+    dequantize_experts: bool  # CPU + torch ops: hold MXFP4 experts unpacked (fp32)
+    quantize_experts: bool  # dense experts -> MXFP4 while loading
     kv_cache_memory: int | None
     gpu_memory_utilization: float
 
@@ -104,9 +132,11 @@ class EngineConfig:
 def resolve(opts: EngineOptions, cfg: ModelConfig, generation: GenerationDefaults, stops: StopPolicy) -> EngineConfig:
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[opts.dtype] if opts.dtype else default_dtype(device)
-    ops = opts.ops
+    ops = resolve_ops(opts.ops, device)
     dense_bytes = 3 * cfg.num_hidden_layers * cfg.num_local_experts * cfg.hidden_size * cfg.intermediate_size * 4
-    dequantize = (device.type == "cpu" and ops in ("auto", "torch") and cfg.quant_method == "mxfp4"
+    quantize = cfg.quant_method is None and (
+        opts.quantize_dense_experts if opts.quantize_dense_experts is not None else device.type == "cuda")
+    dequantize = (device.type == "cpu" and ops == "torch" and (cfg.quant_method == "mxfp4" or quantize)
                   and dense_bytes <= opts.cpu_dequantized_experts_max_bytes)
     return EngineConfig(
         device=device,
@@ -121,9 +151,47 @@ def resolve(opts: EngineOptions, cfg: ModelConfig, generation: GenerationDefault
         cuda_graphs=opts.cuda_graphs,
         stop_token_ids=stops.resolve(cfg, generation),
         dequantize_experts=dequantize,
+        quantize_experts=quantize,
         kv_cache_memory=opts.kv_cache_memory,
         gpu_memory_utilization=opts.gpu_memory_utilization,
     )
+
+
+# The kernels use bf16 tensor-core MMAs (and Hopper's wgmma where present): Ampere or newer.
+MIN_TRITON_CAPABILITY = (8, 0)
+
+
+def triton_unusable(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on `device`, or None when they can."""
+    if device.type != "cuda":
+        return f"Triton kernels need a CUDA device, not {device.type}"
+    try:
+        import triton  # noqa: F401
+        import swallow_kernels  # noqa: F401
+    except Exception as e:  # not installed, or broken (Windows wheels, mismatched CUDA)
+        return f"Triton is not usable here ({type(e).__name__}: {e})"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < MIN_TRITON_CAPABILITY:
+        return (f"{torch.cuda.get_device_name(device)} is compute capability {major}.{minor}; the kernels need "
+                f"{MIN_TRITON_CAPABILITY[0]}.{MIN_TRITON_CAPABILITY[1]} or newer")
+    return None
+
+
+def resolve_ops(asked: str, device: torch.device) -> str:
+    """'auto': Triton where it imports and the GPU supports the kernels, else the torch ops (with a
+    warning on a GPU). 'triton' where it cannot run is an error naming why."""
+    if asked == "torch":
+        return "torch"
+    reason = triton_unusable(device)
+    if asked == "triton":
+        if reason and not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+            raise InvalidRequestError(f"--ops triton: {reason}; use --ops torch or auto")
+        return "triton"
+    if reason is None:
+        return "triton"
+    if device.type == "cuda":
+        log.warning("using the torch ops: %s", reason)
+    return "torch"
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

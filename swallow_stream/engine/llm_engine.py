@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from ..checkpoint import Checkpoint, open_checkpoint
+from ..checkpoint.quantize import read_quantized
 from ..config import GenerationDefaults, ModelConfig
 from ..errors import ContextLengthExceededError, InvalidRequestError, OverloadedError, SwallowError
 from ..model import ModelWeights
@@ -25,6 +26,7 @@ from ..sampling import SamplingParams
 from .block_manager import KVCacheManager
 from .config import EngineConfig, EngineOptions, StopPolicy, resolve
 from .model_runner import ModelRunner, plan_kv_cache
+from .planner import kv_cache_budget
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceOutput, SequenceStatus
 from .stats import EngineCounters, ThroughputMeter
@@ -90,20 +92,44 @@ class LLMEngine:
         cfg: EngineConfig = resolve(self.options, self.config, self.generation, self._stops)
         self.engine_config = cfg
 
-        weights = ModelWeights.from_state_dict(self.config, checkpoint.read(device=cfg.device), cfg.device, cfg.dtype)
+        t0 = time.monotonic()
+        if cfg.quantize_experts:
+            state, self.config = read_quantized(checkpoint, cfg.device)
+        else:
+            state = checkpoint.read(device=cfg.device)
+        log.info("read %d tensors (%.2f GiB) from %s in %.1f s", len(state), _nbytes(state) / 2**30, checkpoint.path,
+                 time.monotonic() - t0)
+        weights = ModelWeights.from_state_dict(self.config, state, cfg.device, cfg.dtype)
+        del state
         ops = get_ops(cfg.ops, cfg.device.type)
         if cfg.dequantize_experts and ops.name == "torch":
             for layer in weights.layers:
                 layer.experts.materialize(torch.float32)
-        plan = plan_kv_cache(self.config, cfg.kv_cache_budget(), cfg.block_size, cfg.dtype, cfg.max_num_seqs,
+        budget, longest = kv_cache_budget(cfg, self.config)
+        if longest < cfg.max_model_len:
+            log.warning("the KV cache (%.2f GiB) holds %d tokens of one sequence: max_model_len lowered from %d",
+                        budget / 2**30, longest, cfg.max_model_len)
+            cfg = self.engine_config = replace(cfg, max_model_len=longest)
+        plan = plan_kv_cache(self.config, budget, cfg.block_size, cfg.dtype, cfg.max_num_seqs,
                              cfg.max_num_batched_tokens)
         self.kv = KVCacheManager(plan.num_full_blocks, plan.num_sliding_blocks, cfg.block_size,
                                  self.config.sliding_window, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        t0 = time.monotonic()
         self.runner = ModelRunner(self.config, weights, ops, plan, cfg.max_model_len, cfg.max_num_seqs,
                                   cfg.cuda_graphs)
+        log.info("model runner ready in %.1f s: %s ops, %s on %s, CUDA graphs %s", time.monotonic() - t0, ops.name,
+                 str(cfg.dtype).removeprefix("torch."), cfg.device,
+                 "captured" if (cfg.cuda_graphs if cfg.cuda_graphs is not None else cfg.device.type == "cuda") else "off")
+        n_sliding = sum(1 for t in self.config.layer_types if t == "sliding_attention")
+        kv_bytes = plan.bytes_per_block * (plan.num_full_blocks * (self.config.num_hidden_layers - n_sliding)
+                                           + plan.num_sliding_blocks * n_sliding)
+        log.info("KV cache: %d full + %d sliding blocks of %d tokens (%d tokens), %.2f GiB; max_model_len %d",
+                 plan.num_full_blocks, plan.num_sliding_blocks, cfg.block_size, plan.num_full_blocks * cfg.block_size,
+                 kv_bytes / 2**30, cfg.max_model_len)
         self.counters = EngineCounters()
         self.throughput = ThroughputMeter()
+        log.info("%s ready", self.name)
 
     @property
     def max_model_len(self) -> int:
@@ -331,6 +357,10 @@ class LLMEngine:
             "tokens_per_second": round(self.throughput.rate(), 2),
             "max_model_len": self.max_model_len,
         }
+
+
+def _nbytes(tensors: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _with_stops(params: SamplingParams, stop_ids: frozenset[int], room: int) -> SamplingParams:

@@ -73,7 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-cache-memory", type=parse_size, default=_env("SWALLOW_KV_CACHE_MEMORY"),
                    help="KV cache size, e.g. 8GiB (default: 0.9 of free GPU memory; 512MiB on CPU) [SWALLOW_KV_CACHE_MEMORY]")
     g.add_argument("--device", default=_env("SWALLOW_DEVICE"), help="cuda / cpu (default: cuda when present) [SWALLOW_DEVICE]")
-    g.add_argument("--dtype", default=_env("SWALLOW_DTYPE"), help="bfloat16 / float16 / float32 [SWALLOW_DTYPE]")
+    g.add_argument("--dtype", default=_env("SWALLOW_DTYPE"),
+                   help="bfloat16 / float16 / float32 (default: bf16 on CUDA and on CPUs with native bf16) [SWALLOW_DTYPE]")
+    g.add_argument("--ops", choices=["auto", "triton", "torch"], default=_env("SWALLOW_OPS") or "auto",
+                   help="kernels: Triton where it runs (auto), or the plain-torch ops [SWALLOW_OPS]")
+    g.add_argument("--keep-dense-experts", action="store_true", default=_env("SWALLOW_KEEP_DENSE_EXPERTS") is not None,
+                   help="keep bf16 experts dense instead of quantizing them to MXFP4 at load [SWALLOW_KEEP_DENSE_EXPERTS]")
+    g.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="share of GPU memory the engine plans for (default 0.9) [SWALLOW_GPU_MEMORY_UTILIZATION]")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the memory plan (weights, KV cache, activations against the GPU) and exit; "
+                        "downloads only config.json and the index")
+    g.add_argument("--gpu-memory", type=parse_size, default=None,
+                   help="with --dry-run: plan for a GPU of this size (e.g. 24GiB) instead of the one present")
     s = p.add_argument_group("front doors")
     s.add_argument("--ws-max-generations", type=int, default=_env_int("SWALLOW_WS_MAX_GENERATIONS") or 8,
                    help="concurrent generations per WebSocket connection (default 8) [SWALLOW_WS_MAX_GENERATIONS]")
@@ -89,6 +101,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if isinstance(args.kv_cache_memory, str):  # from the environment
         args.kv_cache_memory = parse_size(args.kv_cache_memory)
+    if args.gpu_memory_utilization is None and _env("SWALLOW_GPU_MEMORY_UTILIZATION"):
+        args.gpu_memory_utilization = float(_env("SWALLOW_GPU_MEMORY_UTILIZATION"))
     if isinstance(args.ws_max_frame_bytes, str):
         args.ws_max_frame_bytes = parse_size(args.ws_max_frame_bytes)
     if args.served_model_name is None:
@@ -107,6 +121,9 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "kv_cache_memory": args.kv_cache_memory,
         "device": args.device,
         "dtype": args.dtype,
+        "ops": args.ops,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
+        "quantize_dense_experts": False if args.keep_dense_experts else None,
     }
     if zero_gpu():
         # the GPU exists only inside spaces.GPU calls: no engine thread, no CUDA graphs
@@ -154,6 +171,35 @@ def make_settings(args: argparse.Namespace, backend: Any, model_source: str) -> 
     )
 
 
+def dry_run(args: argparse.Namespace) -> int:
+    """Print the memory plan for the model on this GPU (or --gpu-memory) -> exit code (0: fits)."""
+    from ..catalog import TINY, auto_model
+    from ..engine import EngineOptions
+    from ..engine.planner import cuda_memory, preflight
+    from ..errors import InsufficientMemoryError, SwallowError
+
+    gpu = (args.gpu_memory, f"a {args.gpu_memory / 2**30:.0f} GiB GPU") if args.gpu_memory else cuda_memory()
+    if gpu is None:
+        print("no CUDA GPU here: the server would serve the tiny model on the CPU "
+              "(pass --gpu-memory SIZE to plan for a GPU)")
+        return 0
+    model = args.model or auto_model(gpu)
+    if model == TINY:
+        print(f"{gpu[1]}: no Swallow model fits; the server would serve the tiny model")
+        return 0
+    opts = EngineOptions(**{"device": "cuda", **engine_options(args)})
+    try:
+        plan = preflight(model, opts, gpu)
+    except InsufficientMemoryError as e:
+        print(e)
+        return 1
+    except SwallowError as e:
+        print(f"cannot plan for {model}: {e}")
+        return 2
+    print(plan.table())
+    return 0
+
+
 def create_app(argv: Sequence[str] | None = None):
     """Parse flags, load the backend and build the app: -> (app, settings, backend)."""
     from .app import build_app
@@ -169,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.dry_run:
+        raise SystemExit(dry_run(args))
     from .app import build_app
 
     backend, source = load_backend(args)
