@@ -39,7 +39,7 @@ def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     exp = torch.where(amax > 0, exp, torch.full_like(exp, -127))
     q = x / torch.exp2(exp)
     mids = torch.tensor(_E2M1_MIDPOINTS, device=w.device)
-    code = torch.bucketize(q.abs().clamp(max=6.0), mids).to(torch.uint8)
+    code = torch.bucketize(q.abs().clamp(max=6.0).contiguous(), mids).to(torch.uint8)
     code |= ((q < 0) & (code > 0)).to(torch.uint8) << 3  # sign bit; a rounded zero stays +0
     blocks = code[..., 0::2] | (code[..., 1::2] << 4)
     scales = (exp.squeeze(-1) + 127).to(torch.uint8)
