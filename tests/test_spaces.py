@@ -44,10 +44,14 @@ def test_front_matter_keys_and_values():
     assert (SPACES / fm["app_file"]).is_file()
     assert re.fullmatch(r"3\.\d+(\.\d+)?", str(fm["python_version"]))
     assert fm["suggested_hardware"] in {h.value for h in SpaceHardware}
-    assert fm["suggested_hardware"] in ("a100-large", "a100x4", "a100x8")  # 80 GB for the 120B MXFP4 model
+    assert fm["suggested_hardware"] in ("a100-large", "h100", "a100x4", "a100x8")  # 80 GB for the 120B MXFP4 model
     assert "tokyotech-llm/GPT-OSS-Swallow-120B-RL-v0.1-MXFP4" in fm["models"]
     for entry in fm["preload_from_hub"]:
-        assert entry.split()[0] in fm["models"]
+        repo, files = entry.split()  # a file list, never a whole repo (120B: ~65 GB)
+        assert repo in fm["models"]
+        assert set(files.split(",")) == {"config.json", "generation_config.json", "model.safetensors.index.json"}
+    # ZeroGPU offers Python 3.10 and 3.12 only
+    assert str(fm["python_version"]) in ("3.10", "3.12")
     assert re.fullmatch(r"\d+[mh]", str(fm["startup_duration_timeout"]))
     assert 0 < len(fm["short_description"]) <= 60
 
@@ -59,6 +63,30 @@ def test_requirements_cover_runtime_dependencies():
     have = {name(r) for r in req}
     assert {name(d) for d in deps} - {"gradio"} <= have
     assert "gradio" not in have  # the Space's sdk_version decides it
+
+
+def test_prepare_adds_the_shards_named_by_the_index(tmp_path):
+    """A GPU Space preloads the weights: their names come from the repo's index, never `original/`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prepare_space", ROOT / "scripts" / "prepare_space.py")
+    prep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prep)
+    repo = "tokyotech-llm/GPT-OSS-Swallow-120B-RL-v0.1-MXFP4"
+    shards = [f"model-{i:05d}-of-00014.safetensors" for i in range(15)]
+    weight_map = {f"model.layers.{i}.w": shards[i % 15] for i in range(60)}
+    weight_map["extra"] = "original/model--00001-of-00007.safetensors"
+    index = tmp_path / "index.json"
+    index.write_text(json.dumps({"metadata": {"total_size": 1}, "weight_map": weight_map}))
+    out = prep.prepare(tmp_path / "space", {repo: index})
+    text = (out / "README.md").read_text()
+    m = re.match(r"^---\n(.*?)\n---\n", text, re.S)
+    entries = dict(e.split() for e in yaml.safe_load(m.group(1))["preload_from_hub"])
+    assert entries[repo].split(",") == ["config.json", "generation_config.json", "model.safetensors.index.json",
+                                        *shards]
+    assert "original/" not in text
+    other = "tokyotech-llm/GPT-OSS-Swallow-20B-RL-v0.1"
+    assert entries[other] == "config.json,generation_config.json,model.safetensors.index.json"
 
 
 def free_port() -> int:
