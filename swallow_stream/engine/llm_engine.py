@@ -115,12 +115,19 @@ class LLMEngine:
         self.kv = KVCacheManager(plan.num_full_blocks, plan.num_sliding_blocks, cfg.block_size,
                                  self.config.sliding_window, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens)
-        t0 = time.monotonic()
-        self.runner = ModelRunner(self.config, weights, ops, plan, cfg.max_model_len, cfg.max_num_seqs,
-                                  cfg.cuda_graphs)
-        log.info("model runner ready in %.1f s: %s ops, %s on %s, CUDA graphs %s", time.monotonic() - t0, ops.name,
-                 str(cfg.dtype).removeprefix("torch."), cfg.device,
-                 "captured" if (cfg.cuda_graphs if cfg.cuda_graphs is not None else cfg.device.type == "cuda") else "off")
+        graphs = cfg.cuda_graphs if cfg.cuda_graphs is not None else cfg.device.type == "cuda"
+
+        def make_runner() -> ModelRunner:
+            t0 = time.monotonic()
+            runner = ModelRunner(self.config, weights, ops, plan, cfg.max_model_len, cfg.max_num_seqs, cfg.cuda_graphs)
+            log.info("model runner ready in %.1f s: %s ops, %s on %s, CUDA graphs %s", time.monotonic() - t0,
+                     ops.name, str(cfg.dtype).removeprefix("torch."), cfg.device, "captured" if graphs else "off")
+            return runner
+
+        # An inline engine (ZeroGPU) allocates its KV cache in its first step, inside a GPU call:
+        # at import, only the weights may go to the device.
+        self._make_runner = make_runner
+        self.runner: ModelRunner | None = None if self.options.inline else make_runner()
         n_sliding = sum(1 for t in self.config.layer_types if t == "sliding_attention")
         kv_bytes = plan.bytes_per_block * (plan.num_full_blocks * (self.config.num_hidden_layers - n_sliding)
                                            + plan.num_sliding_blocks * n_sliding)
@@ -281,6 +288,8 @@ class LLMEngine:
             self._finish(seq, "error", ContextLengthExceededError(f"sequence of {len(seq)} tokens does not fit in the KV cache"))
         if not batch:
             return
+        if self.runner is None:
+            self.runner = self._make_runner()
         try:
             sampled = self.runner.run(batch)
         except Exception:
