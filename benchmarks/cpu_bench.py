@@ -1,12 +1,19 @@
-"""CPU benchmark: swallow-stream's engine against transformers on the same synthetic checkpoint.
+"""CPU benchmark: swallow-stream's engine against what a user would pick instead, at its defaults.
 
-Measures, in one run, on the mid-size config (hidden 512, 4 layers, 16 experts top-4, the full
-201k vocab, MXFP4 experts):
-  - single stream: prefill tokens/s and decode tokens/s of `stream()` vs `generate()`;
-  - serving: aggregate decode tokens/s with 1, 4 and 16 concurrent streams vs transformers
-    serving the same requests one after another.
+Both sides load the same synthetic checkpoint (default `mid`: hidden 512, 4 layers, 16 experts
+top-4, the full 201k vocabulary, MXFP4 experts) and each runs in its own process, so each has the
+cores and their OpenMP threads to itself. Greedy decoding throughout.
 
-    .venv/bin/python benchmarks/cpu_bench.py [--json out.json]
+- swallow-stream at its defaults: the dtype it picks for this CPU (bf16 where the CPU computes it
+  natively, fp32 elsewhere), continuous batching.
+- transformers at its defaults for this model: `GptOssForCausalLM` in bf16 (MXFP4 dequantized, as
+  it does on CPU); several prompts at once go through one batched, left-padded `generate`.
+
+Measured: one stream's decode rate; time to first token and decode rate at a ~2k-token prompt
+against a ~100-token one; 8 and 16 concurrent streams against transformers' batched `generate` and
+against the same prompts one after another.
+
+    .venv/bin/python benchmarks/cpu_bench.py [--json benchmarks/cpu_bench_results.json]
 """
 
 from __future__ import annotations
@@ -23,146 +30,139 @@ import time
 
 import torch
 
-os.environ.setdefault("SWALLOW_STREAM_CACHE", tempfile.mkdtemp(prefix="swallow-bench-"))
-
-from swallow_stream import stream  # noqa: E402
-from swallow_stream.checkpoint import open_checkpoint, preset, write_checkpoint  # noqa: E402
-from swallow_stream.engine.llm_engine import EngineOptions, LLMEngine  # noqa: E402
-from swallow_stream.harmony import render_prompt  # noqa: E402
-
 PROMPT_WORDS = "Create a casual one-day Tokyo itinerary in Japanese, with times and train lines. "
 
 
-def hf_model(path):
-    from transformers import GptOssForCausalLM, Mxfp4Config
-
-    return GptOssForCausalLM.from_pretrained(
-        path, dtype=torch.float32, quantization_config=Mxfp4Config(dequantize=True), attn_implementation="eager"
-    ).eval()
+def prompts_of(n: int, repeat: int = 1) -> list[str]:
+    return [f"Request {i}: " + PROMPT_WORDS * repeat for i in range(n)]
 
 
-def time_hf(model, prompt_ids, new_tokens):
-    """(prefill seconds, decode tokens/s): decode from generate(N) minus generate(1)."""
-    ids = torch.tensor([prompt_ids])
+# -- swallow-stream side ---------------------------------------------------------------------------
 
-    def gen(n):
-        t0 = time.perf_counter()
-        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
-        return time.perf_counter() - t0
+def run_engine(path: str, args) -> dict:
+    from swallow_stream import stream
+    from swallow_stream.engine import EngineOptions, LLMEngine
+    from swallow_stream.checkpoint import open_checkpoint
 
-    with torch.no_grad():
-        t_one = gen(1)
-        t_n = gen(new_tokens)
-    return t_one, (new_tokens - 1) / (t_n - t_one)
-
-
-def time_engine_single(engine, prompt, new_tokens):
-    # prefill: a 1-token generation is all prefill plus one sample
-    t0 = time.perf_counter()
-    stream(prompt, model=engine, temperature=0, max_tokens=1).collect()
-    t_prefill = time.perf_counter() - t0
-    s = stream(prompt + " (again)", model=engine, temperature=0, max_tokens=new_tokens).collect()
-    return t_prefill, s.stats.tokens_per_second
-
-
-def engine_aggregate(engine, prompts, new_tokens):
-    results = []
-
-    def run(p):
-        results.append(stream(p, model=engine, temperature=0, max_tokens=new_tokens).collect())
-
-    threads = [threading.Thread(target=run, args=(p,)) for p in prompts]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    dt = time.perf_counter() - t0
-    return sum(r.usage.completion_tokens for r in results) / dt
-
-
-def hf_sequential(model, prompts, new_tokens):
-    t0 = time.perf_counter()
-    total = 0
-    with torch.no_grad():
-        for p in prompts:
-            ids = torch.tensor([render_prompt(p)])
-            out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                 pad_token_id=0, eos_token_id=None)
-            total += out.shape[1] - ids.shape[1]
-    return total / (time.perf_counter() - t0)
-
-
-def run_engine(path, prompt, prompt_ids, new_tokens, stream_counts):
-    engine = LLMEngine(lambda: open_checkpoint(path), EngineOptions(device="cpu", max_num_seqs=16), name="mid")
+    engine = LLMEngine(lambda: open_checkpoint(path), EngineOptions(device="cpu", max_num_seqs=16), name="bench")
     stream("warm up", model=engine, temperature=0, max_tokens=4).collect()
-    prefill_s, decode = time_engine_single(engine, prompt, new_tokens)
-    out = {"prefill_tok_s": len(prompt_ids) / prefill_s, "decode_tok_s": decode, "serving": {}}
-    for n in stream_counts:
-        prompts = [f"Request {i}: " + PROMPT_WORDS for i in range(n)]
-        out["serving"][n] = engine_aggregate(engine, prompts, new_tokens)
+
+    def one(prompt: str, n: int):
+        s = stream(prompt, model=engine, temperature=0, max_tokens=n)
+        s.collect()
+        return s
+
+    out: dict = {"dtype": str(engine.dtype).removeprefix("torch.")}
+    short = one(prompts_of(1)[0] + "(short)", args.new_tokens)
+    out["short_prompt_tokens"] = len(short.prompt_token_ids)
+    out["decode_tok_s"] = short.stats.tokens_per_second
+    long = one(prompts_of(1, args.long_repeat)[0], args.new_tokens)
+    out["long_prompt_tokens"] = len(long.prompt_token_ids)
+    out["long_ttft_s"] = long.stats.time_to_first_token
+    out["long_decode_tok_s"] = long.stats.tokens_per_second
+    out["concurrent"] = {}
+    for n in args.streams:
+        results = []
+        threads = [threading.Thread(target=lambda p=p: results.append(one(p, args.new_tokens))) for p in prompts_of(n)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        out["concurrent"][n] = sum(r.usage.completion_tokens for r in results) / (time.perf_counter() - t0)
     engine.shutdown()
     return out
 
 
-def run_hf(path, prompt_ids, new_tokens, stream_counts):
-    hf = hf_model(path)
-    prefill_s, decode = time_hf(hf, prompt_ids, new_tokens)
-    out = {"prefill_tok_s": len(prompt_ids) / prefill_s, "decode_tok_s": decode, "serving": {}}
-    for n in stream_counts:
-        prompts = [f"Request {i}: " + PROMPT_WORDS for i in range(n)]
-        out["serving"][n] = hf_sequential(hf, prompts[: min(n, 4)], new_tokens)  # rate is per request
+# -- transformers side -----------------------------------------------------------------------------
+
+def run_hf(path: str, args) -> dict:
+    from transformers import GptOssForCausalLM, Mxfp4Config
+
+    from swallow_stream.harmony import render_prompt
+
+    model = GptOssForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
+                                              quantization_config=Mxfp4Config(dequantize=True)).eval()
+    gen_kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    def generate(prompt_ids: list[list[int]], n: int) -> float:
+        width = max(map(len, prompt_ids))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompt_ids])  # left padding
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids])
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, **gen_kw)
+        return time.perf_counter() - t0
+
+    def rates(prompt: str) -> tuple[float, float]:
+        """(time to first token, decode tokens/s after it): generate(1) and generate(N)."""
+        ids = [render_prompt(prompt)]
+        t1 = generate(ids, 1)
+        tn = generate(ids, args.new_tokens)
+        return t1, (args.new_tokens - 1) / (tn - t1)
+
+    generate([render_prompt("warm up")], 4)
+    out: dict = {"dtype": "bfloat16"}
+    _, out["decode_tok_s"] = rates(prompts_of(1)[0] + "(short)")
+    out["long_ttft_s"], out["long_decode_tok_s"] = rates(prompts_of(1, args.long_repeat)[0])
+    out["batched"], out["sequential"] = {}, {}
+    for n in args.streams:
+        ids = [render_prompt(p) for p in prompts_of(n)]
+        out["batched"][n] = n * args.new_tokens / generate(ids, args.new_tokens)
+        k = min(n, 4)  # one after another: the per-request rate does not depend on n
+        out["sequential"][n] = k * args.new_tokens / sum(generate([i], args.new_tokens) for i in ids[:k])
     return out
 
 
-def main():
+def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--prompt-repeat", type=int, default=12)
-    ap.add_argument("--streams", default="1,4,16")
+    ap.add_argument("--preset", default="mid")
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--long-repeat", type=int, default=120, help="prompt repeats for the ~2k-token prompt")
+    ap.add_argument("--streams", default="8,16")
     ap.add_argument("--part", choices=["engine", "hf"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    counts = [int(x) for x in args.streams.split(",")]
-    prompt = PROMPT_WORDS * args.prompt_repeat
-    prompt_ids = render_prompt(prompt)
+    args.streams = [int(x) for x in str(args.streams).split(",")]
 
-    if args.part:  # one side, in its own process: each gets the CPU's OpenMP threads to itself
-        fn = run_engine(args.checkpoint, prompt, prompt_ids, args.new_tokens, counts) if args.part == "engine" \
-            else run_hf(args.checkpoint, prompt_ids, args.new_tokens, counts)
-        print(json.dumps(fn))
+    if args.part:  # one side, in its own process
+        print(json.dumps((run_engine if args.part == "engine" else run_hf)(args.checkpoint, args)))
         return
 
-    path = write_checkpoint(tempfile.mkdtemp(prefix="mid-"), preset("mid"), seed=0)
+    os.environ.setdefault("SWALLOW_STREAM_CACHE", tempfile.mkdtemp(prefix="swallow-bench-"))
+    from swallow_stream.checkpoint import preset, write_checkpoint
+
+    path = write_checkpoint(tempfile.mkdtemp(prefix="bench-"), preset(args.preset), seed=0)
     sides = {}
     for part in ("engine", "hf"):
         cmd = [sys.executable, __file__, "--part", part, "--checkpoint", str(path), "--new-tokens", str(args.new_tokens),
-               "--prompt-repeat", str(args.prompt_repeat), "--streams", args.streams]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        sides[part] = json.loads(out.strip().splitlines()[-1])
+               "--long-repeat", str(args.long_repeat), "--streams", ",".join(map(str, args.streams))]
+        sides[part] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
     e, h = sides["engine"], sides["hf"]
-    rows = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads",
+    result = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d"),
-        "config": "mid: hidden 512, 4 layers, 16 experts top-4, vocab 201088, MXFP4 experts, fp32 compute",
-        "prompt_tokens": len(prompt_ids),
+        "preset": args.preset,
         "new_tokens": args.new_tokens,
         "engine": e,
         "transformers": h,
     }
-    print(f"machine: {rows['machine']}  date: {rows['date']}")
-    print(f"config: {rows['config']}; prompt {len(prompt_ids)} tokens, {args.new_tokens} new tokens")
-    for key, label in (("prefill_tok_s", "prefill"), ("decode_tok_s", "decode ")):
-        print(f"{label} tok/s   engine {e[key]:8.1f}   transformers {h[key]:8.1f}   ratio {e[key] / h[key]:.2f}x")
-    for n in counts:
-        a, b = e["serving"][str(n)], h["serving"][str(n)]
-        print(f"{n:3d} streams: engine {a:8.1f} tok/s aggregate   transformers one after another {b:8.1f}   "
-              f"ratio {a / b:.2f}x")
+    print(f"machine: {result['machine']}  date: {result['date']}  preset {args.preset}, greedy, "
+          f"{args.new_tokens} new tokens; engine {e['dtype']}, transformers {h['dtype']}")
+    print(f"one stream decode       engine {e['decode_tok_s']:7.1f} tok/s   transformers {h['decode_tok_s']:7.1f}   "
+          f"{e['decode_tok_s'] / h['decode_tok_s']:.2f}x")
+    print(f"{e['long_prompt_tokens']}-token prompt TTFT   engine {e['long_ttft_s'] * 1e3:7.0f} ms     transformers "
+          f"{h['long_ttft_s'] * 1e3:7.0f}    {h['long_ttft_s'] / e['long_ttft_s']:.2f}x faster")
+    print(f"decode at that context  engine {e['long_decode_tok_s']:7.1f} tok/s   transformers "
+          f"{h['long_decode_tok_s']:7.1f}   {e['long_decode_tok_s'] / h['long_decode_tok_s']:.2f}x")
+    for n in args.streams:
+        a, b, c = e["concurrent"][str(n)], h["batched"][str(n)], h["sequential"][str(n)]
+        print(f"{n:2d} streams aggregate    engine {a:7.1f} tok/s   transformers batched {b:7.1f} ({a / b:.2f}x), "
+              f"one after another {c:7.1f} ({a / c:.2f}x)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":
