@@ -154,6 +154,8 @@ class GptOss:
         self.cfg = cfg
         self.w = weights
         self.ops = ops
+        for layer in weights.layers:
+            ops.prepare_experts(layer.experts)  # kernel weight layouts, made once
         self.rope_cos, self.rope_sin = yarn_rope_tables(cfg, max_positions, weights.embed.device)
 
     @property

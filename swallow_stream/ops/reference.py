@@ -36,9 +36,12 @@ class ExpertWeights:
     # CPU only: MXFP4 experts dequantized once ([E, 2I, H], [E, H, I]), trading memory for
     # not unpacking the chosen experts at every step. GPU kernels always read the packed form.
     dequantized: tuple[torch.Tensor, torch.Tensor] | None = None
+    # The Triton kernels' layout (swallow_kernels.MoEWeights), made once by OpSet.prepare_experts;
+    # on CUDA the HF-layout tensors above are then released.
+    packed: object | None = None
 
     def materialize(self, dtype: torch.dtype) -> None:
-        if self.quantized and self.dequantized is None:
+        if self.gate_up_blocks is not None and self.dequantized is None:
             self.dequantized = (
                 dequantize_mxfp4(self.gate_up_blocks, self.gate_up_scales, dtype),
                 dequantize_mxfp4(self.down_blocks, self.down_scales, dtype),
@@ -46,7 +49,7 @@ class ExpertWeights:
 
     @property
     def quantized(self) -> bool:
-        return self.gate_up_blocks is not None
+        return self.gate_up_blocks is not None or self.packed is not None
 
     @property
     def num_experts(self) -> int:
@@ -165,6 +168,10 @@ def route(
     """Router: logits = x W^T + b; top-k on raw logits; softmax over the k.
     x [T, H] -> (weights [T, k] fp32, expert ids [T, k] int32)."""
     logits = F.linear(x.float(), weight.float(), bias.float())
+    # NaN ranks lowest and infinities become the finite extremes, so top-k always picks k
+    # distinct in-range experts and the softmax stays finite (ties: the lowest id first).
+    big = torch.finfo(torch.float32).max
+    logits = torch.nan_to_num(logits, nan=-big, posinf=big, neginf=-big)
     top, ids = torch.topk(logits, top_k, dim=-1)
     return torch.softmax(top, dim=-1), ids.to(torch.int32)
 
