@@ -100,6 +100,21 @@ def engine_configs() -> list[KernelConfig]:
              **_ints("H", "stride_x", "stride_r", "stride_o", "stride_ro"), "eps": "fp32"},
             {**c, "HAS_RESIDUAL": has_res}, o, div16=("stride_x", "stride_r", "stride_o", "stride_ro")))
 
+    c, o = _split(norm.launch_config(HIDDEN))
+    out.append(KernelConfig(
+        "rms_norm(moe partials + residual)", norm.rms_norm_kernel,
+        {**_ptrs("fp32", "x_ptr", "w_ptr"), **_ptrs(bf, "res_ptr", "out_ptr", "res_out_ptr"),
+         **_ints("H", "stride_x", "stride_r", "stride_o", "stride_ro"), "eps": "fp32"},
+        {**c, "HAS_RESIDUAL": True, "PARTS": TOP_K}, o, div16=("stride_x", "stride_r", "stride_o", "stride_ro")))
+
+    out.append(KernelConfig(
+        "rope_store_kv", rope.rope_store_kv_kernel,
+        {**_ptrs(bf, "q_ptr", "k_ptr", "v_ptr", "q_out_ptr", "k_cache_ptr", "v_cache_ptr"), **_ptrs("i64", "pos_ptr", "slot_ptr"),
+         **_ptrs("fp32", "cos_ptr", "sin_ptr"),
+         **_ints("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "HQ", "HK")},
+        {"HALF": HEAD_DIM // 2, "BLOCK_HQ": HQ, "BLOCK_HK": HK, "BLOCK_D": HEAD_DIM // 2},
+        {"num_warps": 4}, div16=("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh")))
+
     out.append(KernelConfig(
         "rope", rope.rope_kernel,
         {**_ptrs(bf, "q_ptr", "k_ptr", "q_out_ptr", "k_out_ptr"), **_ptrs("i64", "pos_ptr"), **_ptrs("fp32", "cos_ptr", "sin_ptr"),

@@ -395,14 +395,15 @@ def launch_config(num_tokens: int, top_k: int = 4, num_experts: int = 128) -> di
 
 
 def group_config(num_pairs: int, num_experts: int) -> dict:
-    """Chunk sizes of the single-program grouping: [BLOCK_P, BLOCK_E] one-hot tiles kept at 8k
-    elements so the counting sort stays in registers."""
+    """Chunk sizes of the single-program grouping: [BLOCK_P, BLOCK_E] one-hot tiles kept at 4k
+    elements (16 a thread with 8 warps) so the counting sort stays in registers on every Triton
+    the package supports (8k tiles spilled under Triton 3.4)."""
     block_e = next_pow2(num_experts + 1)
     return {
-        "BLOCK_P": max(16, min(next_pow2(num_pairs), 8192 // block_e)),
+        "BLOCK_P": max(16, min(next_pow2(num_pairs), 4096 // block_e)),
         "BLOCK_E": block_e,
-        "BLOCK_TILES": max(16, 8192 // block_e),
-        "num_warps": 4 if block_e <= 64 else 8,
+        "BLOCK_TILES": max(16, 4096 // block_e),
+        "num_warps": 4 if block_e <= 32 else 8,
     }
 
 
@@ -437,7 +438,7 @@ def _check_packed(w: MoEWeights, h: int) -> tuple[int, int]:
     return e, inter
 
 
-def experts(
+def experts_partial(
     x: torch.Tensor,
     expert_weights: torch.Tensor,
     expert_ids: torch.Tensor,
@@ -446,9 +447,9 @@ def experts(
     *,
     config: dict | None = None,
 ) -> torch.Tensor:
-    """out[t] = sum_j weight[t,j] * (down_e(swiglu(gate_up_e(x[t]) + b1_e)) + b2_e), e = ids[t,j].
-    x [T, H]; expert_weights [T, k] fp32; expert_ids [T, k] int32. Returns x's dtype.
-    `config` overrides the tiles (tests force many tiles on small shapes)."""
+    """y[t, j] = weight[t,j] * (down_e(swiglu(gate_up_e(x[t]) + b1_e)) + b2_e), e = ids[t,j]:
+    fp32 [T, k, H], unreduced (the next rms_norm sums it: no combine launch). x [T, H];
+    expert_weights [T, k] fp32; expert_ids [T, k] int32. `config` overrides the tiles."""
     check(isinstance(w, MoEWeights), "experts takes MoEWeights (see pack_experts)")
     check_device(x, expert_weights, expert_ids, w.gate_up_words, w.gate_up_scales, w.down_words, w.down_scales,
                  w.gate_up_bias, w.down_bias)
@@ -461,13 +462,13 @@ def experts(
     check(expert_weights.shape == (t, top_k) and expert_weights.dtype == torch.float32 and expert_weights.is_contiguous(),
           f"expert_weights must be contiguous fp32 [{t}, {top_k}]")
     e, inter = _check_packed(w, h)
-    out = torch.empty_like(x)
+    p = t * top_k
+    y = torch.empty((t, top_k, h), dtype=torch.float32, device=x.device)
     if t == 0:
-        return out
+        return y
     cfg = dict(config or launch_config(t, top_k, e))
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     check(bk % 32 == 0 and bk <= 512 and bm >= 16 and bn >= 16, f"bad MoE tile config {config}")
-    p = t * top_k
     sorted_pairs, tile_expert, tile_row, tile_len = group_by_expert(expert_ids, e, bm)
     num_tiles = tile_expert.numel()
     act = torch.empty((p, inter), dtype=x.dtype, device=x.device)
@@ -475,11 +476,32 @@ def experts(
         x, w.gate_up_words, w.gate_up_scales, w.gate_up_bias, sorted_pairs, tile_expert, tile_row, tile_len, act,
         x.stride(0), float(swiglu_limit), H=h, I=inter, TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg,
     )
-    y = torch.empty((p, h), dtype=torch.float32, device=x.device)
     moe_down_kernel[(num_tiles, cdiv(h, bn))](
         act, w.down_words, w.down_scales, w.down_bias, sorted_pairs, tile_expert, tile_row, tile_len,
         expert_weights, y, H=h, I=inter, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg,
     )
-    block_h = min(1024, next_pow2(h))
-    moe_combine_kernel[(t, cdiv(h, block_h))](y, out, h, TOP_K=top_k, BLOCK_H=block_h, num_warps=4)
+    return y
+
+
+def combine(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 [T, k, H] -> sum over k, [T, H] in `dtype`."""
+    check(y.dim() == 3 and y.dtype == torch.float32 and y.is_contiguous(), "MoE partials must be contiguous fp32 [T, k, H]")
+    t, top_k, h = y.shape
+    out = torch.empty((t, h), dtype=dtype, device=y.device)
+    if t:
+        block_h = min(1024, next_pow2(h))
+        moe_combine_kernel[(t, cdiv(h, block_h))](y, out, h, TOP_K=top_k, BLOCK_H=block_h, num_warps=4)
     return out
+
+
+def experts(
+    x: torch.Tensor,
+    expert_weights: torch.Tensor,
+    expert_ids: torch.Tensor,
+    w: MoEWeights,
+    swiglu_limit: float,
+    *,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """out[t] = sum_j y[t, j] (`experts_partial`), in x's dtype [T, H]."""
+    return combine(experts_partial(x, expert_weights, expert_ids, w, swiglu_limit, config=config), x.dtype)

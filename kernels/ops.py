@@ -10,8 +10,9 @@ before this package was imported (tests), and are refused otherwise.
 from __future__ import annotations
 
 from .attention import attention, store_kv
-from .moe import MoEWeights, experts, pack_experts, route
+from .moe import MoEWeights, experts, experts_partial, pack_experts, route
 from .norm import rms_norm
-from .rope import rope
+from .rope import rope, rope_store_kv
 
-__all__ = ["MoEWeights", "attention", "experts", "pack_experts", "rms_norm", "rope", "route", "store_kv"]
+__all__ = ["MoEWeights", "attention", "experts", "experts_partial", "pack_experts", "rms_norm", "rope", "rope_store_kv",
+           "route", "store_kv"]

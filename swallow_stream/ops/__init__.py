@@ -30,6 +30,10 @@ class OpSet:
     attention: Callable
     route: Callable
     experts: Callable
+    # Fused forms the model's forward uses: RoPE + KV-cache write in one op; the MoE output left
+    # unreduced (fp32 [T, k, H]) for the next rms_norm to sum with the residual add.
+    rope_store_kv: Callable
+    experts_partial: Callable
     prepare_experts: Callable[[ExpertWeights], None] = field(default=lambda w: None)
 
 
@@ -41,6 +45,8 @@ TORCH_OPS = OpSet(
     attention=reference.attention,
     route=reference.route,
     experts=reference.experts,
+    rope_store_kv=reference.rope_store_kv,
+    experts_partial=reference.experts_partial,
 )
 
 
@@ -59,9 +65,19 @@ def _prepare_experts_triton(w: ExpertWeights) -> None:
             w.dequantized = None
 
 
+def _experts_partial_triton(x: torch.Tensor, expert_weights: torch.Tensor, expert_ids: torch.Tensor, w: ExpertWeights,
+                            swiglu_limit: float) -> torch.Tensor:
+    if not w.quantized:  # dense (bf16) experts: one GEMM pair per active expert
+        return reference.experts_partial(x, expert_weights, expert_ids, w, swiglu_limit)
+    _prepare_experts_triton(w)
+    from swallow_kernels.ops import experts_partial
+
+    return experts_partial(x, expert_weights, expert_ids, w.packed, swiglu_limit)
+
+
 def _experts_triton(x: torch.Tensor, expert_weights: torch.Tensor, expert_ids: torch.Tensor, w: ExpertWeights,
                     swiglu_limit: float) -> torch.Tensor:
-    if not w.quantized:  # dense (bf16) experts: one GEMM pair per active expert
+    if not w.quantized:
         return reference.experts(x, expert_weights, expert_ids, w, swiglu_limit)
     _prepare_experts_triton(w)
     from swallow_kernels.ops import experts
@@ -81,6 +97,8 @@ def triton_ops() -> OpSet:
         attention=k.attention,
         route=k.route,
         experts=_experts_triton,
+        rope_store_kv=k.rope_store_kv,
+        experts_partial=_experts_partial_triton,
         prepare_experts=_prepare_experts_triton,
     )
 
