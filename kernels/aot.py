@@ -98,7 +98,7 @@ def engine_configs() -> list[KernelConfig]:
             f"rms_norm(residual={has_res})", norm.rms_norm_kernel,
             {**_ptrs(bf, "x_ptr", "res_ptr", "out_ptr", "res_out_ptr"), **_ptrs("fp32", "w_ptr"),
              **_ints("H", "stride_x", "stride_r", "stride_o", "stride_ro"), "eps": "fp32"},
-            {**c, "HAS_RESIDUAL": has_res}, o, div16=("stride_x", "stride_r", "stride_o", "stride_ro")))
+            {**c, "HAS_RESIDUAL": has_res, "PARTS": 0}, o, div16=("stride_x", "stride_r", "stride_o", "stride_ro")))
 
     c, o = _split(norm.launch_config(HIDDEN))
     out.append(KernelConfig(
