@@ -161,14 +161,12 @@ def engine_configs() -> list[KernelConfig]:
         for label, t in buckets.items():
             decode = t in DECODE_BUCKETS
             # Router and grouping: the same launch arithmetic as moe.route / moe.group_by_expert.
-            block_t = 16 if t <= 16 else 32
-            block_e = max(16, triton.next_power_of_2(e))
             out.append(KernelConfig(
                 f"route {size} {label}", moe.route_kernel,
-                {**_ptrs(bf, "x_ptr", "w_ptr", "b_ptr"), **_ptrs("fp32", "weights_ptr"), **_ptrs("i32", "ids_ptr"),
-                 **_ints("T", "H", "E", "stride_x", "stride_w")},
-                {"TOP_K": TOP_K, "BLOCK_T": block_t, "BLOCK_E": block_e, "BLOCK_H": 64 if block_e >= 128 else 128,
-                 "BLOCK_K": TOP_K}, {"num_warps": 4}, div16=("H", "stride_x", "stride_w"), decode=decode))
+                {**_ptrs(bf, "x_ptr", "w_ptr", "b_ptr"), **_ptrs("fp32", "weights_ptr", "logits_ptr"),
+                 **_ptrs("i32", "ids_ptr", "ticket_ptr"), **_ints("T", "H", "E", "stride_x", "stride_w")},
+                *_split({"TOP_K": TOP_K, "BLOCK_K": TOP_K, **moe.route_config(t, e)}),
+                div16=("H", "stride_x", "stride_w"), decode=decode))
             mc = moe.launch_config(t, TOP_K, e)
             p = t * TOP_K
             out.append(KernelConfig(

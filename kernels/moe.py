@@ -1,6 +1,7 @@
 """MXFP4 mixture of experts: router, grouping of tokens by expert, and the two expert matmuls.
 
     route:    logits = x W^T + b (fp32) -> top-k -> softmax over the k     [T, k] fp32, [T, k] int32
+              (E/16 programs a token block score the experts; the last to finish takes the top-k)
     group:    (token, slot) pairs sorted by expert and cut into M-tiles of one expert each
     gate_up:  act[row] = swiglu(x[token] @ Wgu_e^T + b_e)
     down:     y[pair]  = w[pair] * (act[row] @ Wd_e^T + b_e)
@@ -20,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ACT_DTYPES, cdiv, check, check_device, check_dtype, check_shape, mma, next_pow2
+from ._common import ACT_DTYPES, INTERPRET, cdiv, check, check_device, check_dtype, check_shape, mma, next_pow2
 from .mxfp4 import ACC_SCALE as _ACC_SCALE, dequant, pack_mxfp4, scale_pad
 
 ACC_SCALE = tl.constexpr(_ACC_SCALE)
@@ -77,6 +78,9 @@ def pack_experts(gate_up_blocks: torch.Tensor, gate_up_scales: torch.Tensor, gat
 # Router
 
 
+_FENCE_ASM = tl.constexpr("fence.acq_rel.gpu; mov.b32 $0, $1;")
+
+
 @triton.jit
 def route_kernel(
     x_ptr,  # [T, H]
@@ -84,49 +88,86 @@ def route_kernel(
     b_ptr,  # [E]
     weights_ptr,  # [T, TOP_K] fp32 out
     ids_ptr,  # [T, TOP_K] int32 out
+    logits_ptr,  # [token blocks * BLOCK_T, BLOCK_E] fp32 scratch
+    ticket_ptr,  # [token blocks] int32, zero between launches (the last program resets its own)
     T, H, E,
     stride_x, stride_w,
     TOP_K: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,  # next_pow2(E), >= 16
+    CHUNK_E: tl.constexpr,  # experts a program scores (16): BLOCK_E / CHUNK_E programs a token block
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,  # next_pow2(TOP_K)
 ):
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    e = tl.arange(0, BLOCK_E)
+    # Grid (token blocks, expert chunks): the router matrix is read by BLOCK_E / CHUNK_E programs
+    # at once instead of one. Each writes its logits to the scratch; the last program of a token
+    # block to take a ticket (acq_rel atomic after a gpu-scope fence) does the top-k for it.
+    pid_t = tl.program_id(0)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    ec = tl.program_id(1) * CHUNK_E + tl.arange(0, CHUNK_E)
     h = tl.arange(0, BLOCK_H)
     row_ok = rows < T
-    e_ok = e < E
-    logits = tl.zeros([BLOCK_T, BLOCK_E], tl.float32)
+    ec_ok = ec < E
+    part = tl.zeros([BLOCK_T, CHUNK_E], tl.float32)
     for h0 in range(0, H, BLOCK_H):
         hh = h0 + h
         xt = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + hh[None, :],
                      mask=row_ok[:, None] & (hh < H)[None, :], other=0.0)
-        wt = tl.load(w_ptr + e[None, :] * stride_w + hh[:, None],
-                     mask=e_ok[None, :] & (hh < H)[:, None], other=0.0)  # [BLOCK_H, BLOCK_E]
-        logits = mma(xt, wt, logits)
-    logits += tl.load(b_ptr + e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
+        wt = tl.load(w_ptr + ec[None, :] * stride_w + hh[:, None],
+                     mask=ec_ok[None, :] & (hh < H)[:, None], other=0.0)  # [BLOCK_H, CHUNK_E]
+        part = mma(xt, wt, part)
+    part += tl.load(b_ptr + ec, mask=ec_ok, other=0.0).to(tl.float32)[None, :]
     # NaN -> lowest finite, +-inf -> finite extremes: every real expert outranks the -inf padding,
     # so each arg-max below lands on an untaken expert < E whatever the logits.
-    logits = tl.where(logits != logits, -FLT_MAX, tl.minimum(tl.maximum(logits, -FLT_MAX), FLT_MAX))
-    logits = tl.where(e_ok[None, :], logits, float("-inf"))
+    part = tl.where(part != part, -FLT_MAX, tl.minimum(tl.maximum(part, -FLT_MAX), FLT_MAX))
+    tl.store(logits_ptr + rows[:, None] * BLOCK_E + ec[None, :], part)
+    last = True
+    if BLOCK_E // CHUNK_E > 1:
+        if not INTERPRET:
+            tl.inline_asm_elementwise(_FENCE_ASM, "=r,r", [rows], dtype=tl.int32, is_pure=False, pack=1)
+        tl.debug_barrier()
+        last = tl.atomic_add(ticket_ptr + pid_t, 1) == BLOCK_E // CHUNK_E - 1
+    if last:
+        e = tl.arange(0, BLOCK_E)
+        e_ok = e < E
+        logits = tl.load(logits_ptr + rows[:, None] * BLOCK_E + e[None, :], cache_modifier=".cg")
+        logits = tl.where(e_ok[None, :], logits, float("-inf"))
+        # Top-k by repeated arg-max (ties -> lowest id), in descending order like torch.topk.
+        j = tl.arange(0, BLOCK_K)
+        top_v = tl.full([BLOCK_T, BLOCK_K], float("-inf"), tl.float32)
+        top_i = tl.zeros([BLOCK_T, BLOCK_K], tl.int32)
+        for kk in tl.static_range(TOP_K):
+            m = tl.max(logits, axis=1)
+            idx = tl.minimum(tl.min(tl.where(logits == m[:, None], e[None, :], BLOCK_E), axis=1), E - 1)
+            top_v = tl.where(j[None, :] == kk, m[:, None], top_v)
+            top_i = tl.where(j[None, :] == kk, idx[:, None], top_i)
+            logits = tl.where(e[None, :] == idx[:, None], float("-inf"), logits)
+        p = tl.exp(top_v - tl.max(top_v, axis=1)[:, None])  # padded slots: exp(-inf) = 0
+        p = p / tl.sum(p, axis=1)[:, None]
+        out = rows[:, None] * TOP_K + j[None, :]
+        mask = row_ok[:, None] & (j < TOP_K)[None, :]
+        tl.store(weights_ptr + out, p, mask=mask)
+        tl.store(ids_ptr + out, top_i, mask=mask)
+        if BLOCK_E // CHUNK_E > 1:
+            tl.store(ticket_ptr + pid_t, 0)
 
-    # Top-k by repeated arg-max (ties -> lowest id), in descending order like torch.topk.
-    j = tl.arange(0, BLOCK_K)
-    top_v = tl.full([BLOCK_T, BLOCK_K], float("-inf"), tl.float32)
-    top_i = tl.zeros([BLOCK_T, BLOCK_K], tl.int32)
-    for kk in tl.static_range(TOP_K):
-        m = tl.max(logits, axis=1)
-        idx = tl.minimum(tl.min(tl.where(logits == m[:, None], e[None, :], BLOCK_E), axis=1), E - 1)
-        top_v = tl.where(j[None, :] == kk, m[:, None], top_v)
-        top_i = tl.where(j[None, :] == kk, idx[:, None], top_i)
-        logits = tl.where(e[None, :] == idx[:, None], float("-inf"), logits)
-    p = tl.exp(top_v - tl.max(top_v, axis=1)[:, None])  # padded slots: exp(-inf) = 0
-    p = p / tl.sum(p, axis=1)[:, None]
-    out = rows[:, None] * TOP_K + j[None, :]
-    mask = row_ok[:, None] & (j < TOP_K)[None, :]
-    tl.store(weights_ptr + out, p, mask=mask)
-    tl.store(ids_ptr + out, top_i, mask=mask)
+
+_TICKETS: dict[torch.device, torch.Tensor] = {}
+
+
+def _tickets(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 tickets, kept per device (each route launch leaves them zero again)."""
+    buf = _TICKETS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _TICKETS[device] = buf
+    return buf
+
+
+def route_config(num_tokens: int, num_experts: int) -> dict:
+    block_e = max(16, next_pow2(num_experts))
+    return {"BLOCK_T": 16 if num_tokens <= 16 else 32, "BLOCK_E": block_e, "CHUNK_E": 16,
+            "BLOCK_H": 128, "num_warps": 4}
 
 
 def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,12 +183,12 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int)
     weights = torch.empty((t, top_k), dtype=torch.float32, device=x.device)
     ids = torch.empty((t, top_k), dtype=torch.int32, device=x.device)
     if t:
-        block_t = 16 if t <= 16 else 32
-        block_e = max(16, next_pow2(e))
-        route_kernel[(cdiv(t, block_t),)](
-            x, weight, bias.contiguous(), weights, ids, t, h, e, x.stride(0), weight.stride(0),
-            TOP_K=top_k, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_H=64 if block_e >= 128 else 128,
-            BLOCK_K=next_pow2(top_k), num_warps=4,
+        cfg = route_config(t, e)
+        blocks = cdiv(t, cfg["BLOCK_T"])
+        scratch = torch.empty((blocks * cfg["BLOCK_T"], cfg["BLOCK_E"]), dtype=torch.float32, device=x.device)
+        route_kernel[(blocks, cfg["BLOCK_E"] // cfg["CHUNK_E"])](
+            x, weight, bias.contiguous(), weights, ids, scratch, _tickets(x.device, blocks), t, h, e,
+            x.stride(0), weight.stride(0), TOP_K=top_k, BLOCK_K=next_pow2(top_k), **cfg,
         )
     return weights, ids
 
