@@ -166,7 +166,7 @@ def _tickets(device: torch.device, n: int) -> torch.Tensor:
 
 def route_config(num_tokens: int, num_experts: int) -> dict:
     block_e = max(16, next_pow2(num_experts))
-    return {"BLOCK_T": 16 if num_tokens <= 16 else 32, "BLOCK_E": block_e, "CHUNK_E": 16,
+    return {"BLOCK_T": 16, "BLOCK_E": block_e, "CHUNK_E": 16,
             "BLOCK_H": 128, "num_warps": 4}
 
 
