@@ -7,9 +7,12 @@
 On a GPU, per preset: random weights in the real shapes are built on the device; every Triton
 op is checked against the torch reference; copy bandwidth is measured; each kernel is timed
 (achieved GB/s or TFLOP/s against the measured copy bandwidth / nominal bf16 dense peak), then
-the whole model: decode at batch 1, 8 and 64 (one CUDA graph per batch size around
-model.GptOss.forward + logits) and a 2k-token prefill. Prints a table and writes
-gpu_bench.json to $OUT (or --out, or the current directory).
+the whole model: decode at batch 1, 8 and 64 (one CUDA graph per batch size around the whole
+step: model.GptOss.forward, LM head and the device sampler, as the engine runs it) and a
+2k-token prefill, then a torch.profiler per-kernel table of one batch-1 decode step. The MoE
+decode timings rotate over 8 layers' experts (more than the 50 MB L2 holds), so they measure
+HBM, not cache. Prints a table and writes gpu_bench.json to $OUT (or --out, or the current
+directory).
 
 Without a GPU it prints the bytes each decode step must move (the roofline: active experts in
 MXFP4 + attention/router weights in bf16 + unembedding, KV reads listed apart) and exits 0.
@@ -226,8 +229,13 @@ def rel_err(a, b) -> float:
 def bench_preset(name, args, device, copy_gbs, peak_tflops, results, checks):
     from swallow_stream.checkpoint.synthetic import preset
     from swallow_stream.model import GptOss, yarn_rope_tables
-    from swallow_stream.ops import TORCH_OPS
-    from swallow_kernels.ops import TRITON_OPS
+    import dataclasses
+
+    from swallow_stream.ops import TORCH_OPS, triton_ops
+    from swallow_stream.sampling import MAX_CANDIDATES, SamplingTensors, build_sampling_params, device_sample
+    from swallow_stream.config import GenerationDefaults
+
+    TRITON_OPS = triton_ops()
 
     cfg = preset(name) if not args.smoke else preset("tiny", vocab_size=4096, sliding_window=16)
     dtype = torch.bfloat16
@@ -290,6 +298,14 @@ def bench_preset(name, args, device, copy_gbs, peak_tflops, results, checks):
         del kc, vc
 
     # -- router + experts --------------------------------------------------------------------
+    # Packed copies (the kernels' layout) of up to 8 layers' experts; the HF copies stay for the
+    # reference. Timings rotate over them so no layer's weights sit in L2 between calls.
+    rot = []
+    for lw in w.layers[: min(8, len(w.layers))]:
+        ew = dataclasses.replace(lw.experts)
+        TRITON_OPS.prepare_experts(ew)
+        rot.append(ew)
+    packed0 = rot[0]
     for t in (1, 8, 64, args.prefill):
         x = torch.randn(t, h, generator=g, device=device, dtype=dtype)
         rw, ids = TRITON_OPS.route(x, layer.router_weight, layer.router_bias, k)
@@ -298,9 +314,15 @@ def bench_preset(name, args, device, copy_gbs, peak_tflops, results, checks):
                        "ok": bool((ids == ids_ref).float().mean() >= 0.99)})
         ms = timed(lambda: TRITON_OPS.route(x, layer.router_weight, layer.router_bias, k), device)
         record("route", f"T={t}", ms, "GB/s", (cfg.num_local_experts * h * 2 + t * h * 2) / ms / 1e6, copy_gbs)
-        got = TRITON_OPS.experts(x, rw, ids, layer.experts, cfg.swiglu_limit)
+        got = TRITON_OPS.experts(x, rw, ids, packed0, cfg.swiglu_limit)
         check(f"experts T={t}", got, TORCH_OPS.experts(x, rw, ids, layer.experts, cfg.swiglu_limit), 3e-2)
-        ms = timed(lambda: TRITON_OPS.experts(x, rw, ids, layer.experts, cfg.swiglu_limit), device)
+        turn = [0]
+
+        def rotating():
+            turn[0] = (turn[0] + 1) % len(rot)
+            return TRITON_OPS.experts(x, rw, ids, rot[turn[0]], cfg.swiglu_limit)
+
+        ms = timed(rotating, device)
         active = int(torch.unique(ids).numel())
         if t <= 64:
             record("experts (MXFP4, decode)", f"T={t} active={active}", ms, "GB/s", active * expert_bytes(cfg) / ms / 1e6, copy_gbs)
@@ -308,16 +330,31 @@ def bench_preset(name, args, device, copy_gbs, peak_tflops, results, checks):
             flops = 2 * t * k * (2 * cfg.intermediate_size * h + h * cfg.intermediate_size)
             record("experts (MXFP4, prefill)", f"T={t}", ms, "TFLOP/s", flops / ms / 1e9, peak_tflops)
 
+    del rot, packed0
     # -- whole model -------------------------------------------------------------------------
     model = GptOss(cfg, w, TRITON_OPS, max_positions=max(args.context, args.prefill) + 8)
+    swallow = build_sampling_params(GenerationDefaults(temperature=0.6, top_p=0.95, top_k=20, min_p=0.0))
     for b in args.batches:
         bt = Batch(cfg, b, 1, args.context, device)
         caches = [(bt.cache(dtype, device, 0.5), bt.cache(dtype, device)) for _ in range(cfg.num_hidden_layers)]
+        st = SamplingTensors.allocate(b, device)
+        st.fill([swallow] * b, list(range(b)), [args.context] * b)
 
-        def step():
-            return model.logits(model.forward(bt.input_ids, bt.positions, bt.meta, caches))
+        def step():  # the engine's decode graph: embedding -> sampled ids
+            logits = model.logits(model.forward(bt.input_ids, bt.positions, bt.meta, caches))
+            return device_sample(logits, st, MAX_CANDIDATES)
 
         ms = timed(step, device, iters=5 if device.type == "cuda" else 1)
+        if b == 1 and device.type == "cuda":
+            from torch.profiler import ProfilerActivity, profile
+
+            step()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                step()
+                torch.cuda.synchronize()
+            print(f"[{name}] decode step, batch 1: per-kernel CUDA time")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
         roof = decode_bytes(cfg, b, args.context)
         roof_ms = roof["weights"] / (copy_gbs * 1e6)
         results.append({"preset": name, "kernel": "model decode step", "shape": f"batch={b} ctx={args.context}", "ms": ms,

@@ -1,11 +1,13 @@
 """Ahead-of-time compilation of every kernel at the configurations the engine launches for the
-gpt-oss 20B / 120B shapes, for a CUDA target, with no GPU present.
+gpt-oss 20B / 120B shapes (every decode bucket and a 2k prefill), for a CUDA target, with no GPU.
 
-    python -m swallow_kernels.aot [--arch 80 90] [--json]
+    python -m swallow_kernels.aot [--arch 80 90] [--json] [--dump DIR]
 
-For each (kernel config, arch): registers, spill (local memory) bytes from the bundled cuobjdump,
-and whether the PTX uses wgmma. Must run without TRITON_INTERPRET (interpreted kernels cannot be
-compiled); tests call it in a subprocess.
+For each (kernel config, arch): registers, STACK and LOCAL (spill) bytes and shared memory from
+the bundled cuobjdump, the widest global load in the SASS, whether the PTX uses wgmma, and for
+the MoE matmuls the SASS of the main K loop: its instruction count, the weight bytes one
+iteration streams per thread, their ratio, and its global loads by width. Must run without
+TRITON_INTERPRET (interpreted kernels cannot be compiled); tests call it in a subprocess.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import subprocess
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+
+from collections import Counter
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -35,6 +39,8 @@ TOP_K = 4
 H100_SMS = 132
 PREFILL_TOKENS = 2048
 MAX_CONTEXT = 131072
+# Decode batch buckets (one token per sequence); the engine pads a batch to the next bucket.
+DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 @dataclass
@@ -46,6 +52,12 @@ class KernelConfig:
     options: dict = field(default_factory=dict)
     div16: tuple = ()  # integer args the engine always passes as multiples of 16
     tensor_cores: bool = False  # must use wgmma on sm_90
+    loop_weight_bytes: int = 0  # MoE matmuls: weight bytes (words + scales) one K step streams, whole CTA
+    decode: bool = False  # a decode-step launch (the static test bounds their MoE main loops)
+
+    def key(self) -> tuple:
+        return (self.kernel.fn.__name__ if hasattr(self.kernel, "fn") else repr(self.kernel),
+                tuple(sorted(self.constexprs.items())), tuple(sorted(self.options.items())))
 
     def source(self) -> ASTSource:
         fn = self.kernel
@@ -86,7 +98,22 @@ def engine_configs() -> list[KernelConfig]:
             f"rms_norm(residual={has_res})", norm.rms_norm_kernel,
             {**_ptrs(bf, "x_ptr", "res_ptr", "out_ptr", "res_out_ptr"), **_ptrs("fp32", "w_ptr"),
              **_ints("H", "stride_x", "stride_r", "stride_o", "stride_ro"), "eps": "fp32"},
-            {**c, "HAS_RESIDUAL": has_res}, o, div16=("stride_x", "stride_r", "stride_o", "stride_ro")))
+            {**c, "HAS_RESIDUAL": has_res, "PARTS": 0}, o, div16=("stride_x", "stride_r", "stride_o", "stride_ro")))
+
+    c, o = _split(norm.launch_config(HIDDEN))
+    out.append(KernelConfig(
+        "rms_norm(moe partials + residual)", norm.rms_norm_kernel,
+        {**_ptrs("fp32", "x_ptr", "w_ptr"), **_ptrs(bf, "res_ptr", "out_ptr", "res_out_ptr"),
+         **_ints("H", "stride_x", "stride_r", "stride_o", "stride_ro"), "eps": "fp32"},
+        {**c, "HAS_RESIDUAL": True, "PARTS": TOP_K}, o, div16=("stride_x", "stride_r", "stride_o", "stride_ro")))
+
+    out.append(KernelConfig(
+        "rope_store_kv", rope.rope_store_kv_kernel,
+        {**_ptrs(bf, "q_ptr", "k_ptr", "v_ptr", "q_out_ptr", "k_cache_ptr", "v_cache_ptr"), **_ptrs("i64", "pos_ptr", "slot_ptr"),
+         **_ptrs("fp32", "cos_ptr", "sin_ptr"),
+         **_ints("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "HQ", "HK")},
+        {"HALF": HEAD_DIM // 2, "BLOCK_HQ": HQ, "BLOCK_HK": HK, "BLOCK_D": HEAD_DIM // 2},
+        {"num_warps": 4}, div16=("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh")))
 
     out.append(KernelConfig(
         "rope", rope.rope_kernel,
@@ -108,52 +135,56 @@ def engine_configs() -> list[KernelConfig]:
         **_ints("num_seqs", "stride_qt", "stride_qh", "stride_bt", "stride_ot", "stride_oh", "window"),
         "scale_log2": "fp32",
     }
-    for label, (t, b, window) in {"decode(batch 1, full)": (1, 1, 0), "prefill(2k, sliding)": (PREFILL_TOKENS, 1, 128)}.items():
+    attn_launches = {f"decode(batch {b}, {kind})": (b, b, w) for b in DECODE_BUCKETS for kind, w in (("full", 0), ("sliding", 128))}
+    attn_launches.update({"prefill(2k, sliding)": (PREFILL_TOKENS, 1, 128), "prefill(2k, full)": (PREFILL_TOKENS, 1, 0)})
+    combines = set()
+    for label, (t, b, window) in attn_launches.items():
         lc = attention.launch_config(t, b, HQ, HK, HEAD_DIM, MAX_CONTEXT, window, H100_SMS)
         c, o = _split(lc)
         out.append(KernelConfig(
             f"attention {label}", attention.attn_kernel, attn_types,
             {**c, "HQ": HQ, "HK": HK, "D": HEAD_DIM, "BLOCK_SIZE": BLOCK_SIZE}, o,
-            div16=("stride_qt", "stride_qh", "stride_ot", "stride_oh"), tensor_cores=t > 1))
-        if lc["NUM_SPLITS"] > 1:
+            div16=("stride_qt", "stride_qh", "stride_ot", "stride_oh"), tensor_cores=t > b, decode=t == b))
+        if lc["NUM_SPLITS"] > 1 and lc["NUM_SPLITS"] not in combines:
+            combines.add(lc["NUM_SPLITS"])
             out.append(KernelConfig(
-                "attention combine", attention.attn_combine_kernel,
+                f"attention combine({lc['NUM_SPLITS']} splits)", attention.attn_combine_kernel,
                 {**_ptrs("fp32", "part_acc_ptr", "part_ml_ptr"), **_ptrs(bf, "out_ptr"), **_ints("stride_ot", "stride_oh")},
                 {"HQ": HQ, "D": HEAD_DIM, "BLOCK_D": HEAD_DIM, "NUM_SPLITS": lc["NUM_SPLITS"],
                  "BLOCK_S": triton.next_power_of_2(lc["NUM_SPLITS"])}, {"num_warps": 1}, div16=("stride_ot", "stride_oh")))
 
+    mx_types = {**_ptrs("i32", "w_ptr", "sorted_ptr", "tile_expert_ptr", "tile_row_ptr", "tile_len_ptr"),
+                **_ptrs("u8", "s_ptr"), **_ptrs("fp32", "bias_ptr")}
+    buckets = {f"decode(batch {t})": t for t in DECODE_BUCKETS}
+    buckets[f"prefill({PREFILL_TOKENS // 1024}k)"] = PREFILL_TOKENS
     for size, e in EXPERTS.items():
-        for label, t in {"decode(batch 1)": 1, "prefill(2k)": PREFILL_TOKENS}.items():
+        for label, t in buckets.items():
+            decode = t in DECODE_BUCKETS
             # Router and grouping: the same launch arithmetic as moe.route / moe.group_by_expert.
-            block_t = 16 if t <= 16 else 32
-            block_e = max(16, triton.next_power_of_2(e))
             out.append(KernelConfig(
                 f"route {size} {label}", moe.route_kernel,
-                {**_ptrs(bf, "x_ptr", "w_ptr", "b_ptr"), **_ptrs("fp32", "weights_ptr"), **_ptrs("i32", "ids_ptr"),
-                 **_ints("T", "H", "E", "stride_x", "stride_w")},
-                {"TOP_K": TOP_K, "BLOCK_T": block_t, "BLOCK_E": block_e, "BLOCK_H": 64 if block_e >= 128 else 128,
-                 "BLOCK_K": TOP_K}, {"num_warps": 4}, div16=("H", "stride_x", "stride_w")))
-            mc = moe.launch_config(t)
+                {**_ptrs(bf, "x_ptr", "w_ptr", "b_ptr"), **_ptrs("fp32", "weights_ptr", "logits_ptr"),
+                 **_ptrs("i32", "ids_ptr", "ticket_ptr"), **_ints("T", "H", "E", "stride_x", "stride_w")},
+                *_split({"TOP_K": TOP_K, "BLOCK_K": TOP_K, **moe.route_config(t, e)}),
+                div16=("H", "stride_x", "stride_w"), decode=decode))
+            mc = moe.launch_config(t, TOP_K, e)
             p = t * TOP_K
             out.append(KernelConfig(
                 f"group {size} {label}", moe.group_kernel,
                 {**_ptrs("i32", "ids_ptr", "sorted_ptr", "tile_expert_ptr", "tile_row_ptr", "tile_len_ptr"), **_ints("P", "E", "NUM_TILES")},
-                *_split({"BLOCK_M": mc["BLOCK_M"], **moe.group_config(p, e)})))
-            if size != "120b":
-                continue  # the expert matmuls do not depend on the expert count
+                *_split({"BLOCK_M": mc["BLOCK_M"], **moe.group_config(p, e)}), decode=decode))
             c, o = _split(mc)
-            mx_types = {**_ptrs("u8", "blocks_ptr", "scales_ptr"), **_ptrs("fp32", "bias_ptr"),
-                        **_ptrs("i32", "sorted_ptr", "tile_expert_ptr", "tile_row_ptr", "tile_len_ptr"),
-                        **_ints("H", "I", "stride_be", "stride_br", "stride_se", "stride_sr")}
-            mx_div = ("H", "I", "stride_be", "stride_br", "stride_se", "stride_sr")
+            bn, bk = mc["BLOCK_N"], mc["BLOCK_K"]
             out.append(KernelConfig(
-                f"moe gate_up {label}", moe.moe_gate_up_kernel,
+                f"moe gate_up {size} {label}", moe.moe_gate_up_kernel,
                 {**mx_types, **_ptrs(bf, "x_ptr", "act_ptr"), **_ints("stride_x"), "limit": "fp32"},
-                {**c, "TOP_K": TOP_K}, o, div16=(*mx_div, "stride_x"), tensor_cores=t > 1))
+                {**c, "H": HIDDEN, "I": INTER, "TOP_K": TOP_K}, o, div16=("stride_x",), tensor_cores=t > 1,
+                loop_weight_bytes=2 * bn * (bk // 2 + bk // 32), decode=decode))
             out.append(KernelConfig(
-                f"moe down {label}", moe.moe_down_kernel,
+                f"moe down {size} {label}", moe.moe_down_kernel,
                 {**mx_types, **_ptrs(bf, "act_ptr"), **_ptrs("fp32", "route_w_ptr", "y_ptr")},
-                c, o, div16=mx_div, tensor_cores=t > 1))
+                {**c, "H": HIDDEN, "I": INTER}, o, tensor_cores=t > 1,
+                loop_weight_bytes=bn * (bk // 2 + bk // 32), decode=decode))
     out.append(KernelConfig(
         "moe combine", moe.moe_combine_kernel, {**_ptrs("fp32", "y_ptr"), **_ptrs(bf, "out_ptr"), **_ints("H")},
         {"TOP_K": TOP_K, "BLOCK_H": 1024}, {"num_warps": 4}, div16=("H",)))
@@ -164,49 +195,137 @@ def _cuobjdump() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def resource_usage(cubin: bytes) -> dict:
-    """REG / STACK / LOCAL (spill) / SHARED bytes of the kernel in a cubin, via the bundled cuobjdump."""
+def _run_cuobjdump(flag: str, cubin: bytes) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([_cuobjdump(), flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """REG / STACK / LOCAL (spill) / SHARED bytes of the kernel in a cubin, via the bundled cuobjdump."""
+    text = _run_cuobjdump("--dump-resource-usage", cubin)
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
     if not m:
         raise RuntimeError(f"unexpected cuobjdump output:\n{text}")
     return {"registers": int(m.group(1)), "stack": int(m.group(2)), "shared": int(m.group(3)), "local": int(m.group(4))}
 
 
-def compile_one(index: int, arch: int) -> dict:
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_GLOBAL_LOAD = re.compile(r"\b(LDG|LDGSTS)(\.[A-Z0-9_.]+)?")
+
+
+def sass_instructions(cubin: bytes) -> list[tuple[int, str]]:
+    """(address, instruction) of the kernel's SASS, predicates kept, NOPs dropped."""
+    text = _run_cuobjdump("-sass", cubin)
+    return [(int(a, 16), op) for a, op in _SASS_LINE.findall(text) if not op.startswith("NOP")]
+
+
+def _opcode(op: str) -> str:
+    return op.split()[1] if op.startswith("@") else op.split()[0]
+
+
+def load_width(op: str) -> int:
+    """Bytes of one global load (LDG / cp.async LDGSTS) from its SASS modifiers."""
+    mods = _opcode(op).split(".")
+    for bits, width in (("128", 16), ("64", 8), ("U16", 2), ("S16", 2), ("U8", 1), ("S8", 1)):
+        if bits in mods:
+            return width
+    return 4
+
+
+def main_loop(ins: list[tuple[int, str]]) -> list[str] | None:
+    """The largest backward-branch loop that loads from global memory: the K loop of a matmul."""
+    best = None
+    for addr, op in ins:
+        m = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", op)
+        if not m or int(m.group(1), 16) > addr:
+            continue
+        body = [o for a, o in ins if int(m.group(1), 16) <= a <= addr]
+        if any(_GLOBAL_LOAD.search(_opcode(o)) for o in body) and (best is None or len(body) > len(best)):
+            best = body
+    return best
+
+
+def analyse(cfg: KernelConfig, cubin: bytes) -> dict:
+    ins = sass_instructions(cubin)
+    widths = [load_width(o) for _, o in ins if _GLOBAL_LOAD.match(_opcode(o)) and "LDGDEPBAR" not in o]
+    out = {"instructions": len(ins), "widest_global_load": max(widths, default=0)}
+    if cfg.loop_weight_bytes:
+        threads = 32 * cfg.options.get("num_warps", 4)
+        body = main_loop(ins) or []
+        per_thread = cfg.loop_weight_bytes / threads
+        loads = Counter(load_width(o) for o in body if _GLOBAL_LOAD.match(_opcode(o)) and "LDGDEPBAR" not in o)
+        out.update({
+            "loop_instructions": len(body),
+            "loop_weight_bytes_per_thread": per_thread,
+            "instructions_per_weight_byte": round(len(body) / per_thread, 3) if body else None,
+            "loop_global_loads": {str(k): v for k, v in sorted(loads.items())},
+        })
+    return out
+
+
+def compile_one(index: int, arch: int, dump: str | None = None) -> dict:
     cfg = engine_configs()[index]
     k = triton.compile(cfg.source(), target=GPUTarget("cuda", arch, 32), options=cfg.options)
-    usage = resource_usage(k.asm["cubin"])
-    return {"name": cfg.name, "arch": arch, "tensor_cores": cfg.tensor_cores,
+    cubin = k.asm["cubin"]
+    if dump:
+        os.makedirs(dump, exist_ok=True)
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.name).strip("_")
+        with open(os.path.join(dump, f"{name}.sm_{arch}.cubin"), "wb") as f:
+            f.write(cubin)
+    return {"name": cfg.name, "arch": arch, "tensor_cores": cfg.tensor_cores, "decode": cfg.decode,
+            "constexprs": cfg.constexprs, "options": cfg.options,
             "wgmma": "wgmma" in k.asm["ptx"], "mma": "mma.sync" in k.asm["ptx"] or "wgmma" in k.asm["ptx"],
-            "shared_static": k.metadata.shared, **usage}
+            "shared_static": k.metadata.shared, **resource_usage(cubin), **analyse(cfg, cubin)}
 
 
-def compile_all(archs=(80, 90), workers: int | None = None) -> list[dict]:
-    jobs = [(i, a) for i in range(len(engine_configs())) for a in archs]
-    workers = workers or min(len(jobs), os.cpu_count() or 1)
+def compile_all(archs=(80, 90), workers: int | None = None, dump: str | None = None) -> list[dict]:
+    """Every config on every arch; configs that compile to the same thing are compiled once
+    (and, with `dump`, written under each name)."""
+    cfgs = engine_configs()
+    first: dict[tuple, int] = {}
+    for i, c in enumerate(cfgs):
+        first.setdefault(c.key(), i)
+    jobs = sorted(set(first.values()))
+    work = [(i, a) for i in jobs for a in archs]
+    workers = workers or min(len(work), os.cpu_count() or 1)
     with ProcessPoolExecutor(workers) as pool:
-        return list(pool.map(compile_one, *zip(*jobs)))
+        done = dict(zip(work, pool.map(compile_one, *zip(*work), [dump] * len(work))))
+    results = []
+    for i, c in enumerate(cfgs):
+        for a in archs:
+            r = dict(done[(first[c.key()], a)])
+            r.update(name=c.name, decode=c.decode, tensor_cores=c.tensor_cores)
+            if dump and first[c.key()] != i:
+                src = os.path.join(dump, re.sub(r"[^A-Za-z0-9_.-]+", "_", cfgs[first[c.key()]].name).strip("_") + f".sm_{a}.cubin")
+                dst = os.path.join(dump, re.sub(r"[^A-Za-z0-9_.-]+", "_", c.name).strip("_") + f".sm_{a}.cubin")
+                with open(src, "rb") as f_in, open(dst, "wb") as f_out:
+                    f_out.write(f_in.read())
+            results.append(r)
+    return results
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     ap.add_argument("--json", action="store_true", help="print results as JSON")
+    ap.add_argument("--dump", metavar="DIR", help="write each cubin to DIR")
     ap.add_argument("--workers", type=int, default=None)
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
-    results = compile_all(tuple(args.arch), args.workers)
+    results = compile_all(tuple(args.arch), args.workers, args.dump)
     if args.json:
         print(json.dumps(results))
         return
     for r in results:
-        print(f"sm_{r['arch']}  {r['name']:<36} regs {r['registers']:>3}  local {r['local']:>5}  "
-              f"shared {r['shared_static']:>6}  wgmma {r['wgmma']}")
+        line = (f"sm_{r['arch']}  {r['name']:<40} regs {r['registers']:>3}  stack {r['stack']:>4}  local {r['local']:>4}  "
+                f"shared {r['shared_static']:>6}  ldg {r['widest_global_load']:>2}B  wgmma {str(r['wgmma']):<5}")
+        if "loop_instructions" in r:
+            line += (f"  loop {r['loop_instructions']} ins / {r['loop_weight_bytes_per_thread']:.0f} B = "
+                     f"{r['instructions_per_weight_byte']} ins/B  loads {r['loop_global_loads']}")
+        print(line)
 
 
 if __name__ == "__main__":

@@ -1,34 +1,84 @@
 """MXFP4 mixture of experts: router, grouping of tokens by expert, and the two expert matmuls.
 
     route:    logits = x W^T + b (fp32) -> top-k -> softmax over the k     [T, k] fp32, [T, k] int32
+              (E/16 programs a token block score the experts; the last to finish takes the top-k)
     group:    (token, slot) pairs sorted by expert and cut into M-tiles of one expert each
-    gate_up:  act[row] = swiglu(x[token] @ Wgu_e^T + b_e), gate/up de-interleaved in the epilogue
+    gate_up:  act[row] = swiglu(x[token] @ Wgu_e^T + b_e)
     down:     y[pair]  = w[pair] * (act[row] @ Wd_e^T + b_e)
     combine:  out[t]   = sum_j y[t*k + j]
 
-Weights stay packed (E2M1 nibbles + E8M0 block scales, HF layout) and are dequantized in
-registers right before the tensor-core dot. A program owns one M-tile (up to BLOCK_M rows of one
-expert) times one N-tile, so an expert's weight tile is read once per M-tile: in decode
-(BLOCK_M >= tokens) that is once per step however many tokens chose the expert; in prefill the
-same kernel is a grouped GEMM with 64-row tiles.
+Weights are repacked once (`pack_experts`, layout in mxfp4.py) and dequantized in registers right
+before the tensor-core dot. A program owns one token tile (up to BLOCK_M pairs of one expert)
+times BLOCK_N weight rows, so an expert's weights are read once per token tile: in decode one
+tile holds all of an expert's tokens in the common case, and the weights stream once per step.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from swallow_stream.ops.reference import ExpertWeights, experts as reference_experts
+from ._common import ACT_DTYPES, INTERPRET, cdiv, check, check_device, check_dtype, check_shape, mma, next_pow2
+from .mxfp4 import ACC_SCALE as _ACC_SCALE, dequant, pack_mxfp4, scale_pad
 
-from ._common import ACT_DTYPES, cdiv, check, check_device, check_dtype, check_shape, mma, next_pow2
+ACC_SCALE = tl.constexpr(_ACC_SCALE)
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
-# Tokens up to which the decode tiling is used (one M-tile covers every token of an expert).
-DECODE_MAX_TOKENS = 64
+
+@dataclass
+class MoEWeights:
+    """One layer's experts in the kernels' layout (see mxfp4.py)."""
+
+    gate_up_words: torch.Tensor  # [E, 2, I, H/8] int32 (gate rows, then up rows)
+    gate_up_scales: torch.Tensor  # [E, 2, I, SP(H)] u8
+    gate_up_bias: torch.Tensor  # [E, 2I] fp32, HF order (gate even, up odd)
+    down_words: torch.Tensor  # [E, H, I/8] int32
+    down_scales: torch.Tensor  # [E, H, SP(I)] u8
+    down_bias: torch.Tensor  # [E, H] fp32
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_up_words.shape[0]
+
+    @property
+    def hidden(self) -> int:
+        return self.down_words.shape[1]
+
+    @property
+    def inter(self) -> int:
+        return self.gate_up_words.shape[2]
+
+
+def pack_experts(gate_up_blocks: torch.Tensor, gate_up_scales: torch.Tensor, gate_up_bias: torch.Tensor,
+                 down_blocks: torch.Tensor, down_scales: torch.Tensor, down_bias: torch.Tensor) -> MoEWeights:
+    """HF MXFP4 experts (blocks [E, 2I, H/32, 16], scales [E, 2I, H/32], [E, H, I/32, 16], [E, H, I/32];
+    gate_up rows interleaved) -> MoEWeights. Same byte count as the blocks; runs on their device."""
+    check(gate_up_blocks.dim() == 4 and down_blocks.dim() == 4, "MXFP4 blocks must be [E, rows, K/32, 16]")
+    e, i2, g, _ = gate_up_blocks.shape
+    h = g * 32
+    check(i2 % 2 == 0 and (i2 // 2) % 32 == 0, f"intermediate size {i2 // 2} must be a multiple of 32")
+    inter = i2 // 2
+    check_shape("gate_up_scales", gate_up_scales, (e, i2, h // 32))
+    check_shape("down_blocks", down_blocks, (e, h, inter // 32, 16))
+    check_shape("down_scales", down_scales, (e, h, inter // 32))
+    check_shape("gate_up_bias", gate_up_bias, (e, i2))
+    check_shape("down_bias", down_bias, (e, h))
+    # de-interleave: HF row 2i (gate i), 2i+1 (up i) -> [E, 2, I, ...]
+    gub = gate_up_blocks.view(e, inter, 2, g, 16).transpose(1, 2)
+    gus = gate_up_scales.view(e, inter, 2, g).transpose(1, 2)
+    gw, gs = pack_mxfp4(gub, gus)
+    dw, ds = pack_mxfp4(down_blocks, down_scales)
+    return MoEWeights(gw, gs, gate_up_bias.float().contiguous(), dw, ds, down_bias.float().contiguous())
 
 
 # ---------------------------------------------------------------------------------------------
 # Router
+
+
+_FENCE_ASM = tl.constexpr("fence.acq_rel.gpu; mov.b32 $0, $1;")
 
 
 @triton.jit
@@ -38,46 +88,86 @@ def route_kernel(
     b_ptr,  # [E]
     weights_ptr,  # [T, TOP_K] fp32 out
     ids_ptr,  # [T, TOP_K] int32 out
+    logits_ptr,  # [token blocks * BLOCK_T, BLOCK_E] fp32 scratch
+    ticket_ptr,  # [token blocks] int32, zero between launches (the last program resets its own)
     T, H, E,
     stride_x, stride_w,
     TOP_K: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,  # next_pow2(E), >= 16
+    CHUNK_E: tl.constexpr,  # experts a program scores (16): BLOCK_E / CHUNK_E programs a token block
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,  # next_pow2(TOP_K)
 ):
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    e = tl.arange(0, BLOCK_E)
+    # Grid (token blocks, expert chunks): the router matrix is read by BLOCK_E / CHUNK_E programs
+    # at once instead of one. Each writes its logits to the scratch; the last program of a token
+    # block to take a ticket (acq_rel atomic after a gpu-scope fence) does the top-k for it.
+    pid_t = tl.program_id(0)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    ec = tl.program_id(1) * CHUNK_E + tl.arange(0, CHUNK_E)
     h = tl.arange(0, BLOCK_H)
     row_ok = rows < T
-    e_ok = e < E
-    logits = tl.zeros([BLOCK_T, BLOCK_E], tl.float32)
+    ec_ok = ec < E
+    part = tl.zeros([BLOCK_T, CHUNK_E], tl.float32)
     for h0 in range(0, H, BLOCK_H):
         hh = h0 + h
         xt = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + hh[None, :],
                      mask=row_ok[:, None] & (hh < H)[None, :], other=0.0)
-        wt = tl.load(w_ptr + e[None, :] * stride_w + hh[:, None],
-                     mask=e_ok[None, :] & (hh < H)[:, None], other=0.0)  # [BLOCK_H, BLOCK_E]
-        logits = mma(xt, wt, logits)
-    logits += tl.load(b_ptr + e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
-    logits = tl.where(e_ok[None, :], logits, float("-inf"))
+        wt = tl.load(w_ptr + ec[None, :] * stride_w + hh[:, None],
+                     mask=ec_ok[None, :] & (hh < H)[:, None], other=0.0)  # [BLOCK_H, CHUNK_E]
+        part = mma(xt, wt, part)
+    part += tl.load(b_ptr + ec, mask=ec_ok, other=0.0).to(tl.float32)[None, :]
+    # NaN -> lowest finite, +-inf -> finite extremes: every real expert outranks the -inf padding,
+    # so each arg-max below lands on an untaken expert < E whatever the logits.
+    part = tl.where(part != part, -FLT_MAX, tl.minimum(tl.maximum(part, -FLT_MAX), FLT_MAX))
+    tl.store(logits_ptr + rows[:, None] * BLOCK_E + ec[None, :], part)
+    last = True
+    if BLOCK_E // CHUNK_E > 1:
+        if not INTERPRET:
+            tl.inline_asm_elementwise(_FENCE_ASM, "=r,r", [rows], dtype=tl.int32, is_pure=False, pack=1)
+        tl.debug_barrier()
+        last = tl.atomic_add(ticket_ptr + pid_t, 1) == BLOCK_E // CHUNK_E - 1
+    if last:
+        e = tl.arange(0, BLOCK_E)
+        e_ok = e < E
+        logits = tl.load(logits_ptr + rows[:, None] * BLOCK_E + e[None, :], cache_modifier=".cg")
+        logits = tl.where(e_ok[None, :], logits, float("-inf"))
+        # Top-k by repeated arg-max (ties -> lowest id), in descending order like torch.topk.
+        j = tl.arange(0, BLOCK_K)
+        top_v = tl.full([BLOCK_T, BLOCK_K], float("-inf"), tl.float32)
+        top_i = tl.zeros([BLOCK_T, BLOCK_K], tl.int32)
+        for kk in tl.static_range(TOP_K):
+            m = tl.max(logits, axis=1)
+            idx = tl.minimum(tl.min(tl.where(logits == m[:, None], e[None, :], BLOCK_E), axis=1), E - 1)
+            top_v = tl.where(j[None, :] == kk, m[:, None], top_v)
+            top_i = tl.where(j[None, :] == kk, idx[:, None], top_i)
+            logits = tl.where(e[None, :] == idx[:, None], float("-inf"), logits)
+        p = tl.exp(top_v - tl.max(top_v, axis=1)[:, None])  # padded slots: exp(-inf) = 0
+        p = p / tl.sum(p, axis=1)[:, None]
+        out = rows[:, None] * TOP_K + j[None, :]
+        mask = row_ok[:, None] & (j < TOP_K)[None, :]
+        tl.store(weights_ptr + out, p, mask=mask)
+        tl.store(ids_ptr + out, top_i, mask=mask)
+        if BLOCK_E // CHUNK_E > 1:
+            tl.store(ticket_ptr + pid_t, 0)
 
-    # Top-k by repeated arg-max (ties -> lowest id), in descending order like torch.topk.
-    j = tl.arange(0, BLOCK_K)
-    top_v = tl.full([BLOCK_T, BLOCK_K], float("-inf"), tl.float32)
-    top_i = tl.zeros([BLOCK_T, BLOCK_K], tl.int32)
-    for kk in tl.static_range(TOP_K):
-        m = tl.max(logits, axis=1)
-        idx = tl.min(tl.where(logits == m[:, None], e[None, :], BLOCK_E), axis=1)
-        top_v = tl.where(j[None, :] == kk, m[:, None], top_v)
-        top_i = tl.where(j[None, :] == kk, idx[:, None], top_i)
-        logits = tl.where(e[None, :] == idx[:, None], float("-inf"), logits)
-    p = tl.exp(top_v - tl.max(top_v, axis=1)[:, None])  # padded slots: exp(-inf) = 0
-    p = p / tl.sum(p, axis=1)[:, None]
-    out = rows[:, None] * TOP_K + j[None, :]
-    mask = row_ok[:, None] & (j < TOP_K)[None, :]
-    tl.store(weights_ptr + out, p, mask=mask)
-    tl.store(ids_ptr + out, top_i, mask=mask)
+
+_TICKETS: dict[torch.device, torch.Tensor] = {}
+
+
+def _tickets(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 tickets, kept per device (each route launch leaves them zero again)."""
+    buf = _TICKETS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _TICKETS[device] = buf
+    return buf
+
+
+def route_config(num_tokens: int, num_experts: int) -> dict:
+    block_e = max(16, next_pow2(num_experts))
+    return {"BLOCK_T": 16, "BLOCK_E": block_e, "CHUNK_E": 16,
+            "BLOCK_H": 128, "num_warps": 4}
 
 
 def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,12 +183,12 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int)
     weights = torch.empty((t, top_k), dtype=torch.float32, device=x.device)
     ids = torch.empty((t, top_k), dtype=torch.int32, device=x.device)
     if t:
-        block_t = 16 if t <= 16 else 32
-        block_e = max(16, next_pow2(e))
-        route_kernel[(cdiv(t, block_t),)](
-            x, weight, bias.contiguous(), weights, ids, t, h, e, x.stride(0), weight.stride(0),
-            TOP_K=top_k, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_H=64 if block_e >= 128 else 128,
-            BLOCK_K=next_pow2(top_k), num_warps=4,
+        cfg = route_config(t, e)
+        blocks = cdiv(t, cfg["BLOCK_T"])
+        scratch = torch.empty((blocks * cfg["BLOCK_T"], cfg["BLOCK_E"]), dtype=torch.float32, device=x.device)
+        route_kernel[(blocks, cfg["BLOCK_E"] // cfg["CHUNK_E"])](
+            x, weight, bias.contiguous(), weights, ids, scratch, _tickets(x.device, blocks), t, h, e,
+            x.stride(0), weight.stride(0), TOP_K=top_k, BLOCK_K=next_pow2(top_k), **cfg,
         )
     return weights, ids
 
@@ -161,50 +251,69 @@ def group_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Expert matmuls
+# Expert matmuls (kernel MXFP4 layout, see mxfp4.py)
+#
+# Operands are swapped: the dequantized weight tile [BLOCK_N rows, BLOCK_K] is the MMA's A
+# (rows fill the 64-row wgmma / 16-row mma.sync M dimension) and the few tokens of an expert are
+# its N (>= 16), so decode tiles waste no tensor-core rows on padding tokens. The K loop runs
+# unmasked over K // BLOCK_K steps; a masked step takes the tail (K = 2880 is no power of two).
 
 
 @triton.jit
-def _mxfp4_tile(blocks_ptr, scales_ptr, rows, row_ok, byte, byte_ok, stride_br, stride_sr, DTYPE: tl.constexpr):
-    """Dequantize weight rows `rows` at packed byte columns `byte` -> (even, odd) elements,
-    each [BYTES, ROWS] in DTYPE (transposed for the dot: reduction dim first).
+def _weight_tile(w_ptr, s_ptr, rows, row_ok, k0, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 TAIL: tl.constexpr, EVEN_N: tl.constexpr):
+    """Rows `rows` of one expert's [R, K] weight at k0 .. k0+BLOCK_K -> bf16 [BLOCK_N, BLOCK_K] (x 2^-63)."""
+    kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    ks = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    sp: tl.constexpr = ((K // 32 + 15) // 16) * 16
+    w_ptrs = w_ptr + rows[:, None] * (K // 8) + kw[None, :]
+    s_ptrs = s_ptr + rows[:, None] * sp + ks[None, :]
+    if EVEN_N:  # no row mask: unpredicated loads, no zero-fill
+        if TAIL:
+            words = tl.load(w_ptrs, mask=(kw < K // 8)[None, :], other=0)
+        else:
+            words = tl.load(w_ptrs)
+        scales = tl.load(s_ptrs)
+    else:
+        if TAIL:
+            words = tl.load(w_ptrs, mask=row_ok[:, None] & (kw < K // 8)[None, :], other=0)
+        else:
+            words = tl.load(w_ptrs, mask=row_ok[:, None], other=0)
+        scales = tl.load(s_ptrs, mask=row_ok[:, None], other=0)
+    return dequant(words, scales, BLOCK_N, BLOCK_K)
 
-    E2M1 nibble s|e1 e0|m and E8M0 scale x: the value (1 + m/2) 2^(e-1) 2^(x-127) for e > 0 is the
-    fp32 with exponent field e + x - 1 and mantissa m << 22, i.e. bits (em << 22) + ((x-1) << 23)
-    where em = nibble & 7; em == 1 (0.5) has exponent field x - 1 and no mantissa; em == 0 is 0.
-    Exact for scales 2..254 (real checkpoints use ~110..130)."""
-    mask = byte_ok[:, None] & row_ok[None, :]
-    packed = tl.load(blocks_ptr + rows[None, :].to(tl.int64) * stride_br + byte[:, None], mask=mask, other=0).to(tl.int32)
-    sc = tl.load(scales_ptr + rows[None, :].to(tl.int64) * stride_sr + (byte // 16)[:, None], mask=mask, other=0).to(tl.int32)
-    exp_bias = (sc - 1) << 23
-    lo = packed & 15
-    hi = packed >> 4
-    lo_em = lo & 7
-    hi_em = hi & 7
-    lo_bits = tl.where(lo_em > 1, (lo_em << 22) + exp_bias, tl.where(lo_em == 1, exp_bias, 0)) | ((lo & 8) << 28)
-    hi_bits = tl.where(hi_em > 1, (hi_em << 22) + exp_bias, tl.where(hi_em == 1, exp_bias, 0)) | ((hi & 8) << 28)
-    even = lo_bits.to(tl.float32, bitcast=True).to(DTYPE)
-    odd = hi_bits.to(tl.float32, bitcast=True).to(DTYPE)
-    return even, odd
+
+@triton.jit
+def _gate_up_step(x_cols, m_ok, wg, sg, wu, su, n, n_ok, k0, acc_g, acc_u,
+                  H: tl.constexpr, I: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL: tl.constexpr):
+    kk = k0 + tl.arange(0, BLOCK_K)
+    if TAIL:
+        xt = tl.load(x_cols + kk[:, None], mask=(kk < H)[:, None], other=0.0)  # [BLOCK_K, BLOCK_M]
+    else:
+        xt = tl.load(x_cols + kk[:, None])
+    g = _weight_tile(wg, sg, n, n_ok, k0, H, BLOCK_N, BLOCK_K, TAIL, I % BLOCK_N == 0).to(xt.dtype)
+    acc_g = mma(g, xt, acc_g)
+    u = _weight_tile(wu, su, n, n_ok, k0, H, BLOCK_N, BLOCK_K, TAIL, I % BLOCK_N == 0).to(xt.dtype)
+    acc_u = mma(u, xt, acc_u)
+    return acc_g, acc_u
 
 
 @triton.jit
 def moe_gate_up_kernel(
     x_ptr,  # [T, H]
-    blocks_ptr,  # [E, 2I, H/32, 16] u8
-    scales_ptr,  # [E, 2I, H/32] u8
-    bias_ptr,  # [E, 2I] fp32
+    w_ptr,  # [E, 2, I, H/8] int32: gate rows, then up rows
+    s_ptr,  # [E, 2, I, SP(H)] u8
+    bias_ptr,  # [E, 2I] fp32, HF order (gate even, up odd)
     sorted_ptr, tile_expert_ptr, tile_row_ptr, tile_len_ptr,  # from group_kernel
     act_ptr,  # [P, I] out, rows in sorted (expert-grouped) order, x's dtype
-    H, I,
     stride_x,
-    stride_be, stride_br,
-    stride_se, stride_sr,
     limit,
+    H: tl.constexpr,
+    I: tl.constexpr,
     TOP_K: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,  # output (activated) columns; 2 * BLOCK_N weight rows
-    BLOCK_K: tl.constexpr,  # reduction elements per step (multiple of 32)
+    BLOCK_M: tl.constexpr,  # tokens of one expert (MMA N)
+    BLOCK_N: tl.constexpr,  # activated columns = weight rows of each of gate and up (MMA M)
+    BLOCK_K: tl.constexpr,
 ):
     tile = tl.program_id(0)
     expert = tl.load(tile_expert_ptr + tile)
@@ -213,50 +322,57 @@ def moe_gate_up_kernel(
     row0 = tl.load(tile_row_ptr + tile)
     m = tl.arange(0, BLOCK_M)
     m_ok = m < tl.load(tile_len_ptr + tile)
+    # Columns past the tile's tokens read token 0 (in bounds, never stored): unmasked loads.
     pair = tl.load(sorted_ptr + row0 + m, mask=m_ok, other=0)
-    x_rows = x_ptr + (pair // TOP_K).to(tl.int64)[:, None] * stride_x
+    x_cols = x_ptr + (pair // TOP_K).to(tl.int64)[None, :] * stride_x
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < I
-    kb = tl.arange(0, BLOCK_K // 2)
-    wb = blocks_ptr + expert.to(tl.int64) * stride_be
-    ws = scales_ptr + expert.to(tl.int64) * stride_se
-    dtype = x_ptr.dtype.element_ty
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, H // 2, BLOCK_K // 2):  # k0 in packed bytes
-        byte = k0 + kb
-        b_ok = byte < H // 2
-        xm = m_ok[:, None] & b_ok[None, :]
-        x_even = tl.load(x_rows + 2 * byte[None, :], mask=xm, other=0.0)
-        x_odd = tl.load(x_rows + 2 * byte[None, :] + 1, mask=xm, other=0.0)
-        g_even, g_odd = _mxfp4_tile(wb, ws, 2 * n, n_ok, byte, b_ok, stride_br, stride_sr, dtype)
-        acc_g = mma(x_even, g_even, acc_g)
-        acc_g = mma(x_odd, g_odd, acc_g)
-        u_even, u_odd = _mxfp4_tile(wb, ws, 2 * n + 1, n_ok, byte, b_ok, stride_br, stride_sr, dtype)
-        acc_u = mma(x_even, u_even, acc_u)
-        acc_u = mma(x_odd, u_odd, acc_u)
-    bias = bias_ptr + expert.to(tl.int64) * (2 * I)
-    gate = acc_g + tl.load(bias + 2 * n, mask=n_ok, other=0.0)[None, :]
-    up = acc_u + tl.load(bias + 2 * n + 1, mask=n_ok, other=0.0)[None, :]
+    sp: tl.constexpr = ((H // 32 + 15) // 16) * 16
+    e64 = expert.to(tl.int64)
+    wg = w_ptr + e64 * (2 * I * (H // 8))
+    wu = wg + I * (H // 8)
+    sg = s_ptr + e64 * (2 * I * sp)
+    su = sg + I * sp
+    acc_g = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    acc_u = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    for k0 in range(0, (H // BLOCK_K) * BLOCK_K, BLOCK_K):
+        acc_g, acc_u = _gate_up_step(x_cols, m_ok, wg, sg, wu, su, n, n_ok, k0, acc_g, acc_u, H, I, BLOCK_N, BLOCK_K, False)
+    if H % BLOCK_K:
+        acc_g, acc_u = _gate_up_step(x_cols, m_ok, wg, sg, wu, su, n, n_ok, (H // BLOCK_K) * BLOCK_K, acc_g, acc_u,
+                                     H, I, BLOCK_N, BLOCK_K, True)
+    bias = bias_ptr + e64 * (2 * I)
+    gate = acc_g * ACC_SCALE + tl.load(bias + 2 * n, mask=n_ok, other=0.0)[:, None]
+    up = acc_u * ACC_SCALE + tl.load(bias + 2 * n + 1, mask=n_ok, other=0.0)[:, None]
     gate = tl.minimum(gate, limit)
     up = tl.minimum(tl.maximum(up, -limit), limit)
     act = gate * tl.sigmoid(1.702 * gate) * (up + 1.0)
     rows = (row0 + m).to(tl.int64)
-    tl.store(act_ptr + rows[:, None] * I + n[None, :], act.to(act_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(act_ptr + rows[None, :] * I + n[:, None], act.to(act_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
+
+
+@triton.jit
+def _down_step(a_cols, m_ok, wd, sd, n, n_ok, k0, acc,
+               H: tl.constexpr, I: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL: tl.constexpr):
+    kk = k0 + tl.arange(0, BLOCK_K)
+    if TAIL:
+        at = tl.load(a_cols + kk[:, None], mask=(kk < I)[:, None], other=0.0)  # [BLOCK_K, BLOCK_M]
+    else:
+        at = tl.load(a_cols + kk[:, None])
+    w = _weight_tile(wd, sd, n, n_ok, k0, I, BLOCK_N, BLOCK_K, TAIL, H % BLOCK_N == 0).to(at.dtype)
+    return mma(w, at, acc)
 
 
 @triton.jit
 def moe_down_kernel(
     act_ptr,  # [P, I], sorted order
-    blocks_ptr,  # [E, H, I/32, 16] u8
-    scales_ptr,  # [E, H, I/32] u8
+    w_ptr,  # [E, H, I/8] int32
+    s_ptr,  # [E, H, SP(I)] u8
     bias_ptr,  # [E, H] fp32
     sorted_ptr, tile_expert_ptr, tile_row_ptr, tile_len_ptr,
     route_w_ptr,  # [P] fp32 routing weight of each pair
     y_ptr,  # [P, H] fp32 out, rows in pair (token-major) order
-    H, I,
-    stride_be, stride_br,
-    stride_se, stride_sr,
+    H: tl.constexpr,
+    I: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -268,28 +384,22 @@ def moe_down_kernel(
     row0 = tl.load(tile_row_ptr + tile)
     m = tl.arange(0, BLOCK_M)
     m_ok = m < tl.load(tile_len_ptr + tile)
-    rows = (row0 + m).to(tl.int64)
-    a_rows = act_ptr + rows[:, None] * I
+    a_cols = act_ptr + tl.where(m_ok, row0 + m, row0).to(tl.int64)[None, :] * I  # unmasked loads, as in gate_up
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < H
-    kb = tl.arange(0, BLOCK_K // 2)
-    wb = blocks_ptr + expert.to(tl.int64) * stride_be
-    ws = scales_ptr + expert.to(tl.int64) * stride_se
-    dtype = act_ptr.dtype.element_ty
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, I // 2, BLOCK_K // 2):
-        byte = k0 + kb
-        b_ok = byte < I // 2
-        am = m_ok[:, None] & b_ok[None, :]
-        a_even = tl.load(a_rows + 2 * byte[None, :], mask=am, other=0.0)
-        a_odd = tl.load(a_rows + 2 * byte[None, :] + 1, mask=am, other=0.0)
-        w_even, w_odd = _mxfp4_tile(wb, ws, n, n_ok, byte, b_ok, stride_br, stride_sr, dtype)
-        acc = mma(a_even, w_even, acc)
-        acc = mma(a_odd, w_odd, acc)
+    sp: tl.constexpr = ((I // 32 + 15) // 16) * 16
+    e64 = expert.to(tl.int64)
+    wd = w_ptr + e64 * (H * (I // 8))
+    sd = s_ptr + e64 * (H * sp)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    for k0 in range(0, (I // BLOCK_K) * BLOCK_K, BLOCK_K):
+        acc = _down_step(a_cols, m_ok, wd, sd, n, n_ok, k0, acc, H, I, BLOCK_N, BLOCK_K, False)
+    if I % BLOCK_K:
+        acc = _down_step(a_cols, m_ok, wd, sd, n, n_ok, (I // BLOCK_K) * BLOCK_K, acc, H, I, BLOCK_N, BLOCK_K, True)
     pair = tl.load(sorted_ptr + row0 + m, mask=m_ok, other=0)
     rw = tl.load(route_w_ptr + pair, mask=m_ok, other=0.0)
-    y = (acc + tl.load(bias_ptr + expert.to(tl.int64) * H + n, mask=n_ok, other=0.0)[None, :]) * rw[:, None]
-    tl.store(y_ptr + pair.to(tl.int64)[:, None] * H + n[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
+    y = (acc * ACC_SCALE + tl.load(bias_ptr + e64 * H + n, mask=n_ok, other=0.0)[:, None]) * rw[None, :]
+    tl.store(y_ptr + pair.to(tl.int64)[None, :] * H + n[:, None], y, mask=m_ok[None, :] & n_ok[:, None])
 
 
 @triton.jit
@@ -309,45 +419,32 @@ def moe_combine_kernel(
     tl.store(out_ptr + t * H + h, acc.to(out_ptr.dtype.element_ty), mask=h_ok)
 
 
-def launch_config(num_tokens: int) -> dict:
-    """Tiles of both expert matmuls. Decode: one M-tile spans every token of an expert (weights
-    read once), narrow N-tiles for enough programs; prefill: 64x64 tensor-core tiles."""
-    if num_tokens <= DECODE_MAX_TOKENS:
-        return {"BLOCK_M": max(16, next_pow2(num_tokens)), "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}
-    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3}
+def tokens_per_expert(num_tokens: int, top_k: int, num_experts: int) -> int:
+    return cdiv(num_tokens * top_k, num_experts)
 
 
-def _check_mxfp4(w: ExpertWeights, h: int) -> tuple[int, int]:
-    e = w.num_experts
-    gb, gs, db, ds = w.gate_up_blocks, w.gate_up_scales, w.down_blocks, w.down_scales
-    check(gb.dtype == torch.uint8 and gs.dtype == torch.uint8 and db.dtype == torch.uint8 and ds.dtype == torch.uint8,
-          "MXFP4 blocks and scales must be uint8")
-    check(gb.dim() == 4 and gb.shape[0] == e and gb.shape[2] * 32 == h and gb.shape[3] == 16,
-          f"gate_up_blocks must be [E, 2I, {h // 32}, 16], got {list(gb.shape)}")
-    i2 = gb.shape[1]
-    check(i2 % 2 == 0 and (i2 // 2) % 32 == 0, f"intermediate size {i2 // 2} must be a multiple of 32")
-    inter = i2 // 2
-    check_shape("gate_up_scales", gs, (e, i2, h // 32))
-    check_shape("down_blocks", db, (e, h, inter // 32, 16))
-    check_shape("down_scales", ds, (e, h, inter // 32))
-    check_shape("gate_up_bias", w.gate_up_bias, (e, i2))
-    check_shape("down_bias", w.down_bias, (e, h))
-    for name, t in (("gate_up_blocks", gb), ("gate_up_scales", gs), ("down_blocks", db), ("down_scales", ds),
-                    ("gate_up_bias", w.gate_up_bias), ("down_bias", w.down_bias)):
-        check(t.is_contiguous(), f"{name} must be contiguous")
-    check(w.gate_up_bias.dtype == torch.float32 and w.down_bias.dtype == torch.float32, "expert biases must be fp32")
-    return e, inter
+def launch_config(num_tokens: int, top_k: int = 4, num_experts: int = 128) -> dict:
+    """Tiles of both expert matmuls, from the mean tokens an expert gets (T*k/E): the token tile
+    (MMA N) is that rounded up to a power of two, 16..64. Few tokens an expert (decode): 64 weight
+    rows x 128 k a step, 4 warps, no cp.async pipeline (each thread's 16-byte weight loads go
+    straight to registers; other CTAs on the SM hide the latency). Many (prefill): 64 x 64 tiles."""
+    per_expert = tokens_per_expert(num_tokens, top_k, num_experts)
+    bm = min(64, max(16, next_pow2(per_expert)))
+    if bm <= 32:
+        return {"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1}
+    return {"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
 
 
 def group_config(num_pairs: int, num_experts: int) -> dict:
-    """Chunk sizes of the single-program grouping: [BLOCK_P, BLOCK_E] one-hot tiles kept at 8k
-    elements so the counting sort stays in registers."""
+    """Chunk sizes of the single-program grouping: [BLOCK_P, BLOCK_E] one-hot tiles kept at 4k
+    elements (16 a thread with 8 warps) so the counting sort stays in registers on every Triton
+    the package supports (8k tiles spilled under Triton 3.4)."""
     block_e = next_pow2(num_experts + 1)
     return {
-        "BLOCK_P": max(16, min(next_pow2(num_pairs), 8192 // block_e)),
+        "BLOCK_P": max(16, min(next_pow2(num_pairs), 4096 // block_e)),
         "BLOCK_E": block_e,
-        "BLOCK_TILES": max(16, 8192 // block_e),
-        "num_warps": 4 if block_e <= 64 else 8,
+        "BLOCK_TILES": max(16, 4096 // block_e),
+        "num_warps": 4 if block_e <= 32 else 8,
     }
 
 
@@ -365,17 +462,38 @@ def group_by_expert(expert_ids: torch.Tensor, num_experts: int, block_m: int) ->
     return sorted_pairs, tiles[0], tiles[1], tiles[2]
 
 
-def moe_experts(
+def _check_packed(w: MoEWeights, h: int) -> tuple[int, int]:
+    e, inter = w.num_experts, w.inter
+    check(w.gate_up_words.dtype == torch.int32 and w.down_words.dtype == torch.int32, "packed MXFP4 words must be int32")
+    check(w.gate_up_scales.dtype == torch.uint8 and w.down_scales.dtype == torch.uint8, "MXFP4 scales must be uint8")
+    check_shape("gate_up_words", w.gate_up_words, (e, 2, inter, h // 8))
+    check_shape("gate_up_scales", w.gate_up_scales, (e, 2, inter, scale_pad(h)))
+    check_shape("down_words", w.down_words, (e, h, inter // 8))
+    check_shape("down_scales", w.down_scales, (e, h, scale_pad(inter)))
+    check_shape("gate_up_bias", w.gate_up_bias, (e, 2 * inter))
+    check_shape("down_bias", w.down_bias, (e, h))
+    check(h % 32 == 0 and inter % 32 == 0, f"hidden {h} and intermediate {inter} must be multiples of 32")
+    for name in ("gate_up_words", "gate_up_scales", "down_words", "down_scales", "gate_up_bias", "down_bias"):
+        check(getattr(w, name).is_contiguous(), f"{name} must be contiguous")
+    check(w.gate_up_bias.dtype == torch.float32 and w.down_bias.dtype == torch.float32, "expert biases must be fp32")
+    return e, inter
+
+
+def experts_partial(
     x: torch.Tensor,
     expert_weights: torch.Tensor,
     expert_ids: torch.Tensor,
-    w: ExpertWeights,
+    w: MoEWeights,
     swiglu_limit: float,
     *,
     config: dict | None = None,
 ) -> torch.Tensor:
-    """`experts` with a tile-config override (tests use it to force many tiles on small shapes)."""
-    check_device(x, expert_weights, expert_ids, w.gate_up_bias, w.down_bias)
+    """y[t, j] = weight[t,j] * (down_e(swiglu(gate_up_e(x[t]) + b1_e)) + b2_e), e = ids[t,j]:
+    fp32 [T, k, H], unreduced (the next rms_norm sums it: no combine launch). x [T, H];
+    expert_weights [T, k] fp32; expert_ids [T, k] int32. `config` overrides the tiles."""
+    check(isinstance(w, MoEWeights), "experts takes MoEWeights (see pack_experts)")
+    check_device(x, expert_weights, expert_ids, w.gate_up_words, w.gate_up_scales, w.down_words, w.down_scales,
+                 w.gate_up_bias, w.down_bias)
     check_dtype("x", x, ACT_DTYPES)
     check(x.dim() == 2 and x.is_contiguous(), f"x must be contiguous [T, H], got {list(x.shape)}")
     t, h = x.shape
@@ -384,36 +502,36 @@ def moe_experts(
     top_k = expert_ids.shape[1]
     check(expert_weights.shape == (t, top_k) and expert_weights.dtype == torch.float32 and expert_weights.is_contiguous(),
           f"expert_weights must be contiguous fp32 [{t}, {top_k}]")
-    if not w.quantized:
-        # Dense (bf16) checkpoints: the torch path (one GEMM pair per active expert).
-        return reference_experts(x, expert_weights, expert_ids, w, swiglu_limit)
-    check_device(x, w.gate_up_blocks, w.gate_up_scales, w.down_blocks, w.down_scales)
-    e, inter = _check_mxfp4(w, h)
-    out = torch.empty_like(x)
-    if t == 0:
-        return out
-    cfg = dict(config or launch_config(t))
-    bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
-    check(bk % 32 == 0 and bm >= 16 and bn >= 16, f"bad MoE tile config {config}")
+    e, inter = _check_packed(w, h)
     p = t * top_k
+    y = torch.empty((t, top_k, h), dtype=torch.float32, device=x.device)
+    if t == 0:
+        return y
+    cfg = dict(config or launch_config(t, top_k, e))
+    bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
+    check(bk % 32 == 0 and bk <= 512 and bm >= 16 and bn >= 16, f"bad MoE tile config {config}")
     sorted_pairs, tile_expert, tile_row, tile_len = group_by_expert(expert_ids, e, bm)
     num_tiles = tile_expert.numel()
     act = torch.empty((p, inter), dtype=x.dtype, device=x.device)
     moe_gate_up_kernel[(num_tiles, cdiv(inter, bn))](
-        x, w.gate_up_blocks, w.gate_up_scales, w.gate_up_bias, sorted_pairs, tile_expert, tile_row, tile_len, act,
-        h, inter, x.stride(0),
-        w.gate_up_blocks.stride(0), w.gate_up_blocks.stride(1), w.gate_up_scales.stride(0), w.gate_up_scales.stride(1),
-        float(swiglu_limit), TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg,
+        x, w.gate_up_words, w.gate_up_scales, w.gate_up_bias, sorted_pairs, tile_expert, tile_row, tile_len, act,
+        x.stride(0), float(swiglu_limit), H=h, I=inter, TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg,
     )
-    y = torch.empty((p, h), dtype=torch.float32, device=x.device)
     moe_down_kernel[(num_tiles, cdiv(h, bn))](
-        act, w.down_blocks, w.down_scales, w.down_bias, sorted_pairs, tile_expert, tile_row, tile_len,
-        expert_weights, y, h, inter,
-        w.down_blocks.stride(0), w.down_blocks.stride(1), w.down_scales.stride(0), w.down_scales.stride(1),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg,
+        act, w.down_words, w.down_scales, w.down_bias, sorted_pairs, tile_expert, tile_row, tile_len,
+        expert_weights, y, H=h, I=inter, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg,
     )
-    block_h = min(1024, next_pow2(h))
-    moe_combine_kernel[(t, cdiv(h, block_h))](y, out, h, TOP_K=top_k, BLOCK_H=block_h, num_warps=4)
+    return y
+
+
+def combine(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 [T, k, H] -> sum over k, [T, H] in `dtype`."""
+    check(y.dim() == 3 and y.dtype == torch.float32 and y.is_contiguous(), "MoE partials must be contiguous fp32 [T, k, H]")
+    t, top_k, h = y.shape
+    out = torch.empty((t, h), dtype=dtype, device=y.device)
+    if t:
+        block_h = min(1024, next_pow2(h))
+        moe_combine_kernel[(t, cdiv(h, block_h))](y, out, h, TOP_K=top_k, BLOCK_H=block_h, num_warps=4)
     return out
 
 
@@ -421,8 +539,10 @@ def experts(
     x: torch.Tensor,
     expert_weights: torch.Tensor,
     expert_ids: torch.Tensor,
-    w: ExpertWeights,
+    w: MoEWeights,
     swiglu_limit: float,
+    *,
+    config: dict | None = None,
 ) -> torch.Tensor:
-    """out[t] = sum_j weight[t,j] * (down_e(swiglu(gate_up_e(x[t]) + b1_e)) + b2_e). Returns x's dtype."""
-    return moe_experts(x, expert_weights, expert_ids, w, swiglu_limit)
+    """out[t] = sum_j y[t, j] (`experts_partial`), in x's dtype [T, H]."""
+    return combine(experts_partial(x, expert_weights, expert_ids, w, swiglu_limit, config=config), x.dtype)

@@ -1,4 +1,7 @@
-"""Fused residual add + RMSNorm: (norm(x + residual) * weight, x + residual)."""
+"""Fused residual add + RMSNorm: (norm(x + residual) * weight, x + residual).
+
+x may also be the MoE's unreduced output, fp32 [T, k, H] (one weighted row per chosen expert):
+the k rows are summed here, so the MoE needs no combine launch of its own."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from ._common import ACT_DTYPES, check, check_device, check_dtype, check_shape, 
 
 @triton.jit
 def rms_norm_kernel(
-    x_ptr,  # [T, H] activations
+    x_ptr,  # [T, H] activations, or [T, PARTS, H] fp32 partial sums (PARTS > 0)
     res_ptr,  # [T, H] residual stream (read only when HAS_RESIDUAL)
     w_ptr,  # [H] fp32
     out_ptr,  # [T, H] normed output, x's dtype
@@ -24,16 +27,24 @@ def rms_norm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    PARTS: tl.constexpr = 0,
 ):
     # One row per program: H <= 8k fits in registers, so the row is read once.
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < H
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if PARTS > 0:
+        # sum the k expert rows in fp32, rounded to the stream's dtype as a stored MoE output is
+        acc = tl.zeros([BLOCK_H], tl.float32)
+        for j in tl.static_range(PARTS):
+            acc += tl.load(x_ptr + row * stride_x + j * H + cols, mask=mask, other=0.0)
+        x = acc.to(res_ptr.dtype.element_ty)
+    else:
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
         # The sum is rounded to the activation dtype first: the norm reads the stored stream.
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(res_out_ptr.dtype.element_ty)
         tl.store(res_out_ptr + row * stride_ro + cols, x, mask=mask)
     xf = x.to(tl.float32)
     inv = tl.rsqrt(tl.sum(xf * xf, axis=0) / H + eps)
@@ -49,18 +60,27 @@ def launch_config(hidden: int) -> dict:
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(norm(x + residual) * weight, x + residual); x, residual [T, H]; weight [H] fp32."""
+    """(norm(x + residual) * weight, x + residual); x, residual [T, H]; weight [H] fp32.
+    x may be fp32 [T, k, H] MoE partials (summed over k first; residual required, its dtype out)."""
     check_device(x, weight)
-    check_dtype("x", x, ACT_DTYPES)
-    check(x.dim() == 2 and x.stride(-1) == 1, f"x must be [T, H] with unit last stride, got {list(x.shape)} strides {x.stride()}")
-    t, h = x.shape
+    parts = 0
+    if x.dim() == 3:
+        check(residual is not None, "MoE partials [T, k, H] need the residual stream")
+        check(x.dtype == torch.float32 and x.is_contiguous(), "MoE partials must be contiguous fp32 [T, k, H]")
+        parts = x.shape[1]
+        act_dtype = residual.dtype
+    else:
+        check_dtype("x", x, ACT_DTYPES)
+        check(x.dim() == 2 and x.stride(-1) == 1, f"x must be [T, H] with unit last stride, got {list(x.shape)} strides {x.stride()}")
+        act_dtype = x.dtype
+    t, h = x.shape[0], x.shape[-1]
     check_shape("weight", weight, (h,))
     check(weight.is_contiguous(), "weight must be contiguous")
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    out = torch.empty((t, h), dtype=act_dtype, device=x.device)
     if residual is not None:
         check_device(x, residual)
         check_shape("residual", residual, (t, h))
-        check(residual.dtype == x.dtype, f"residual dtype {residual.dtype} != x dtype {x.dtype}")
+        check(residual.dtype == act_dtype, f"residual dtype {residual.dtype} != x dtype {act_dtype}")
         check(residual.stride(-1) == 1, "residual must have unit last stride")
         res_out = torch.empty_like(out)
     else:
@@ -69,6 +89,6 @@ def rms_norm(
         rms_norm_kernel[(t,)](
             x, residual, weight, out, res_out, h,
             x.stride(0), residual.stride(0), out.stride(0), res_out.stride(0), float(eps),
-            HAS_RESIDUAL=res_out is not x, **launch_config(h),
+            HAS_RESIDUAL=res_out is not x, PARTS=parts, **launch_config(h),
         )
     return out, res_out

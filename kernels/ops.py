@@ -1,27 +1,18 @@
-"""The Triton implementation of the model's ops (`swallow_stream.ops.OpSet`).
+"""The Triton implementation of the model's ops, as plain functions.
 
-Same signatures and return types as `swallow_stream.ops.reference`. CUDA tensors run compiled
-kernels; CPU tensors run them in Triton's interpreter when TRITON_INTERPRET=1 was set before this
-package was imported (tests), and are refused otherwise.
+Same signatures and return types as `swallow_stream.ops.reference`, except `experts`, which takes
+the kernels' expert layout (`MoEWeights`, made once by `pack_experts`). `swallow_stream.ops` builds
+its Triton OpSet from these; this package imports nothing from swallow_stream. CUDA tensors run
+compiled kernels; CPU tensors run them in Triton's interpreter when TRITON_INTERPRET=1 was set
+before this package was imported (tests), and are refused otherwise.
 """
 
 from __future__ import annotations
 
-from swallow_stream.ops import OpSet
-
 from .attention import attention, store_kv
-from .moe import experts, route
+from .moe import MoEWeights, experts, experts_partial, pack_experts, route
 from .norm import rms_norm
-from .rope import rope
+from .rope import rope, rope_store_kv
 
-TRITON_OPS = OpSet(
-    name="triton",
-    rms_norm=rms_norm,
-    rope=rope,
-    store_kv=store_kv,
-    attention=attention,
-    route=route,
-    experts=experts,
-)
-
-__all__ = ["TRITON_OPS"]
+__all__ = ["MoEWeights", "attention", "experts", "experts_partial", "pack_experts", "rms_norm", "rope", "rope_store_kv",
+           "route", "store_kv"]

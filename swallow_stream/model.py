@@ -3,6 +3,9 @@
     x = embed(ids)
     per layer:  x += o_proj(attn(rope(qkv(norm(x)))))      # sinks, sliding or full window
                 x += experts(route(norm(x)))               # MXFP4 top-k MoE, clamped SwiGLU
+
+RoPE and the KV-cache write are one op; the MoE output stays unreduced ([T, k, H] fp32) and the
+next rms_norm sums it into the residual stream (no combine step of its own).
     logits = lm_head(norm(x))
 
 The ops (norm, rope, cache write, attention, routing, experts) come from an `OpSet`: Triton
@@ -154,6 +157,8 @@ class GptOss:
         self.cfg = cfg
         self.w = weights
         self.ops = ops
+        for layer in weights.layers:
+            ops.prepare_experts(layer.experts)  # kernel weight layouts, made once
         self.rope_cos, self.rope_sin = yarn_rope_tables(cfg, max_positions, weights.embed.device)
 
     @property
@@ -183,9 +188,8 @@ class GptOss:
             q = qkv[:, : hq * d].view(t, hq, d)
             k = qkv[:, hq * d : (hq + hk) * d].view(t, hk, d)
             v = qkv[:, (hq + hk) * d :].view(t, hk, d)
-            q, k = ops.rope(q, k, positions, self.rope_cos, self.rope_sin)
             group = meta.sliding if layer.window else meta.full
-            ops.store_kv(k, v, k_cache, v_cache, group.slot_mapping)
+            q = ops.rope_store_kv(q, k, v, positions, self.rope_cos, self.rope_sin, k_cache, v_cache, group.slot_mapping)
             o = ops.attention(
                 q,
                 k_cache,
@@ -200,7 +204,7 @@ class GptOss:
             x = F.linear(o.reshape(t, hq * d), layer.o_weight, layer.o_bias)
             h, residual = ops.rms_norm(x, layer.post_norm, cfg.rms_norm_eps, residual)
             weights, ids = ops.route(h, layer.router_weight, layer.router_bias, cfg.num_experts_per_tok)
-            x = ops.experts(h, weights, ids, layer.experts, cfg.swiglu_limit)
+            x = ops.experts_partial(h, weights, ids, layer.experts, cfg.swiglu_limit)  # [T, k, H] fp32
         x, _ = ops.rms_norm(x, self.w.norm, cfg.rms_norm_eps, residual)
         return x
 

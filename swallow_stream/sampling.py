@@ -167,3 +167,137 @@ def sample(
         if g is not None:
             q[i] = torch.empty(probs.shape[1], device=probs.device).exponential_(generator=g)
     return (probs / q.clamp_(min=1e-30)).argmax(dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device-side sampling: per-row parameters in tensors, no host syncs, static shapes (it runs
+# inside the decode step's CUDA graph). Same filters as `filtered_probs`; the exponential race
+# draws its noise from a counter-based hash of (seed, position, token id), so a row's draw
+# depends on nothing else in the batch and needs no generator state.
+
+MAX_CANDIDATES = 64  # the in-graph path: every sampled row has 0 < top_k <= this, or is greedy
+
+
+def _u64(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN = _u64(0x9E3779B97F4A7C15)
+_MIX1 = _u64(0xBF58476D1CE4E5B9)
+_MIX2 = _u64(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64 finalizer on int64 tensors (wrapping arithmetic)."""
+    z = x + _GOLDEN
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    return z ^ _shr(z, 31)
+
+
+def exponential_noise(seed: torch.Tensor, position: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """Exp(1) draws [B, N] float64, a pure function of seed [B], position [B] and token ids [B, N]
+    (or [N]) int64."""
+    key = _mix64(_mix64(seed) ^ position).unsqueeze(-1)
+    h = _mix64(key ^ (token * _GOLDEN))
+    u = (_shr(h, 11) + 1).double() * 2.0**-53  # (0, 1]
+    return -torch.log(u)
+
+
+@dataclass
+class SamplingTensors:
+    """Per-row sampling parameters on the device. temperature 0 (or top_k 1) = greedy;
+    top_k 0 = off; seed and position key each row's noise (position: the sampled token's)."""
+
+    temperature: torch.Tensor  # [B] fp32
+    top_p: torch.Tensor  # [B] fp32
+    top_k: torch.Tensor  # [B] int64
+    min_p: torch.Tensor  # [B] fp32
+    seed: torch.Tensor  # [B] int64
+    position: torch.Tensor  # [B] int64
+
+    @staticmethod
+    def allocate(n: int, device: torch.device | str) -> "SamplingTensors":
+        return SamplingTensors(
+            torch.zeros(n, device=device), torch.ones(n, device=device), torch.zeros(n, dtype=torch.int64, device=device),
+            torch.zeros(n, device=device), torch.zeros(n, dtype=torch.int64, device=device),
+            torch.zeros(n, dtype=torch.int64, device=device),
+        )
+
+    def rows(self, n: int) -> "SamplingTensors":
+        return SamplingTensors(*(getattr(self, f)[:n] for f in self.__dataclass_fields__))
+
+    def fill(self, params: list[SamplingParams], seeds: list[int], positions: list[int]) -> None:
+        """Host -> device, one non-blocking copy a field; rows past len(params) are left as they are."""
+        n = len(params)
+        vals = {
+            "temperature": ([0.0 if p.greedy else p.temperature for p in params], torch.float32),
+            "top_p": ([p.top_p for p in params], torch.float32),
+            "top_k": ([p.top_k for p in params], torch.int64),
+            "min_p": ([p.min_p for p in params], torch.float32),
+            "seed": ([_u64(s & (2**64 - 1)) for s in seeds], torch.int64),
+            "position": (positions, torch.int64),
+        }
+        for name, (v, dt) in vals.items():
+            getattr(self, name)[:n].copy_(torch.tensor(v, dtype=dt), non_blocking=True)
+
+
+def candidate_count(params: list[SamplingParams]) -> int | None:
+    """MAX_CANDIDATES when the top-k candidate path is exact for every row, else None (full vocab)."""
+    if all(p.greedy or 0 < p.top_k <= MAX_CANDIDATES for p in params):
+        return MAX_CANDIDATES
+    return None
+
+
+def _filter_sorted(sorted_logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Logits sorted descending [B, N] -> probabilities [B, N] after temperature, top-k, top-p
+    and min-p (renormalized), each row by its own tensors."""
+    n = sorted_logits.shape[1]
+    temp = torch.where(t.temperature > 0, t.temperature, 1.0).unsqueeze(1)
+    probs = torch.softmax(sorted_logits / temp, dim=-1)
+    rank = torch.arange(n, device=sorted_logits.device).unsqueeze(0)
+    k = torch.where((t.top_k > 0) & (t.top_k < n), t.top_k, n).unsqueeze(1)
+    in_k = rank < k
+    probs = probs * in_k
+    probs = probs / probs.sum(-1, keepdim=True)
+    before = probs.cumsum(-1) - probs
+    keep = in_k & (before < t.top_p.unsqueeze(1))
+    probs = probs * keep
+    probs = probs * (probs >= t.min_p.unsqueeze(1) * probs[:, :1])
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def device_filtered_probs(logits: torch.Tensor, t: SamplingTensors, num_candidates: int | None = None) -> torch.Tensor:
+    """`filtered_probs` from tensors: [B, V] fp32 -> [B, V] (greedy rows one-hot at the argmax)."""
+    vals, order = _candidates(logits, num_candidates)
+    probs = torch.zeros_like(logits).scatter_(1, order, _filter_sorted(vals, t))
+    one_hot = torch.zeros_like(probs).scatter_(1, logits.argmax(-1, keepdim=True), 1.0)
+    return torch.where((t.temperature > 0).unsqueeze(1), probs, one_hot)
+
+
+def _candidates(logits: torch.Tensor, num_candidates: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if num_candidates is not None and num_candidates < logits.shape[1]:
+        return logits.topk(num_candidates, dim=-1)
+    return logits.sort(dim=-1, descending=True)
+
+
+def device_sample(
+    logits: torch.Tensor, t: SamplingTensors, num_candidates: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, V] fp32 -> (token ids [B] int64, their log-probabilities under the raw logits [B] fp32).
+
+    num_candidates=K restricts sampling to the top K logits (exact when every non-greedy row has
+    0 < top_k <= K: `candidate_count`); None sorts the vocabulary. No host sync, static shapes."""
+    vals, order = _candidates(logits, num_candidates)
+    probs = _filter_sorted(vals, t)
+    q = exponential_noise(t.seed, t.position, order)
+    score = torch.where(probs > 0, probs.double().log() - q.log(), float("-inf"))
+    pick = order.gather(1, score.argmax(-1, keepdim=True)).squeeze(1)
+    ids = torch.where(t.temperature > 0, pick, logits.argmax(-1))
+    logprob = torch.log_softmax(logits, dim=-1).gather(1, ids.unsqueeze(1)).squeeze(1)
+    return ids, logprob

@@ -7,7 +7,17 @@ import torch
 
 from swallow_stream.config import GenerationDefaults
 from swallow_stream.errors import InvalidRequestError
-from swallow_stream.sampling import build_sampling_params, filtered_probs, sample
+from swallow_stream.sampling import (
+    MAX_CANDIDATES,
+    SamplingTensors,
+    build_sampling_params,
+    candidate_count,
+    device_filtered_probs,
+    device_sample,
+    exponential_noise,
+    filtered_probs,
+    sample,
+)
 
 SWALLOW = GenerationDefaults(temperature=0.6, top_p=0.95, top_k=20, min_p=0.0)
 P = torch.tensor([[0.5, 0.25, 0.125, 0.0625, 0.0625]])
@@ -116,3 +126,73 @@ def test_top_k_then_top_p_on_renormalized_and_candidate_path_agrees():
     wide = torch.cat([LOGITS, torch.full((1, 100), -30.0)], dim=1)
     got = filtered_probs(wide, [p])
     assert torch.allclose(got[:, :5], expect, atol=1e-6) and got[:, 5:].sum() == 0
+
+
+# --- device-side sampler (the decode CUDA graph's): same semantics from per-row tensors ---------
+
+
+def tensors(ps, seeds=None, positions=None):
+    t = SamplingTensors.allocate(len(ps), "cpu")
+    t.fill(ps, seeds or list(range(len(ps))), positions or [5] * len(ps))
+    return t
+
+
+MIXED = [params(top_k=5), params(top_p=0.7), params(min_p=0.2, temperature=0.5), params(temperature=0),
+         params(top_k=10, top_p=0.5), params(), params(top_k=1), params(top_k=3, top_p=0.8, min_p=0.1, temperature=1.7)]
+
+
+def test_device_filters_match_host_filters():
+    logits = torch.randn(len(MIXED), 300, generator=torch.Generator().manual_seed(0)) * 3
+    want = filtered_probs(logits, MIXED)
+    assert torch.allclose(device_filtered_probs(logits, tensors(MIXED)), want, atol=1e-6)
+    small_k = [p for p in MIXED if p.greedy or 0 < p.top_k <= MAX_CANDIDATES]
+    rows = [i for i, p in enumerate(MIXED) if p in small_k]
+    assert candidate_count(small_k) == MAX_CANDIDATES and candidate_count(MIXED) is None
+    got = device_filtered_probs(logits[rows], tensors(small_k), MAX_CANDIDATES)
+    assert torch.allclose(got, want[rows], atol=1e-6)
+
+
+def test_device_sample_known_distributions():
+    for p, expect in ((params(top_k=2), [2 / 3, 1 / 3, 0, 0, 0]), (params(min_p=0.25), [4 / 7, 2 / 7, 1 / 7, 0, 0]),
+                      (params(top_p=0.5), [1.0, 0, 0, 0, 0])):
+        assert torch.allclose(device_filtered_probs(LOGITS, tensors([p])), torch.tensor([expect]), atol=1e-6)
+
+
+def test_device_sample_greedy_and_logprobs():
+    logits = torch.randn(8, 1000, generator=torch.Generator().manual_seed(0))
+    for p in (params(temperature=0), params(top_k=1)):
+        ids, lp = device_sample(logits, tensors([p] * 8), MAX_CANDIDATES)
+        assert torch.equal(ids, logits.argmax(-1))
+        assert torch.allclose(lp, torch.log_softmax(logits, -1).gather(1, ids[:, None])[:, 0])
+
+
+def test_device_sample_frequencies_follow_filtered_distribution():
+    n = 20000
+    logits = LOGITS.repeat(n, 1)
+    p = params(top_k=3)
+    t = tensors([p] * n, seeds=list(range(n)), positions=[3] * n)
+    got, _ = device_sample(logits, t)
+    freq = torch.bincount(got, minlength=5).float() / n
+    assert torch.allclose(freq, torch.tensor([4 / 7, 2 / 7, 1 / 7, 0, 0]), atol=0.02), freq
+    # one sequence over many positions: the same distribution
+    t = tensors([p] * n, seeds=[7] * n, positions=list(range(n)))
+    freq = torch.bincount(device_sample(logits, t)[0], minlength=5).float() / n
+    assert torch.allclose(freq, torch.tensor([4 / 7, 2 / 7, 1 / 7, 0, 0]), atol=0.02), freq
+
+
+def test_device_sample_depends_on_seed_and_position_only():
+    logits = torch.randn(3, 5000, generator=torch.Generator().manual_seed(2))
+    p = params(seed=7, top_k=50)
+    alone = device_sample(logits[1:2], tensors([p], seeds=[7], positions=[11]))[0]
+    batched = device_sample(logits, tensors([params(), p, params(top_k=0)], seeds=[1, 7, 3], positions=[4, 11, 9]))[0]
+    assert alone.item() == batched[1].item()
+    # the candidate path and the full-vocabulary path draw the same token (noise keyed by token id)
+    t = tensors([p] * 3, seeds=[7, 8, 9], positions=[1, 2, 3])
+    assert torch.equal(device_sample(logits, t, MAX_CANDIDATES)[0], device_sample(logits, t, None)[0])
+    draws = {device_sample(logits[1:2], tensors([p], seeds=[7], positions=[q]))[0].item() for q in range(40)}
+    assert len(draws) > 5  # a new position, a new draw
+
+
+def test_exponential_noise_is_exp1():
+    q = exponential_noise(torch.tensor([3]), torch.tensor([9]), torch.arange(200000))[0]
+    assert (q >= 0).all() and abs(q.mean().item() - 1) < 0.01 and abs(q.var().item() - 1) < 0.03

@@ -3,12 +3,17 @@
 The scheduler hands it [(sequence, number of new tokens)]; it builds the flat batch and the
 cache addressing, runs the model, and samples one token for each sequence that reached the end
 of its known tokens (decodes, and prefills whose last chunk this was).
+
+Sampling runs on the device from per-row parameter tensors (`sampling.device_sample`); a decode
+step is one CUDA graph from the embedding to the sampled ids (LM head and sampler inside), and
+the host reads the ids and their log-probabilities back once per step.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import random
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +21,7 @@ import torch
 from ..config import ModelConfig
 from ..model import BatchMeta, CacheGroupMeta, GptOss, ModelWeights
 from ..ops import OpSet
-from ..sampling import sample
+from ..sampling import MAX_CANDIDATES, SamplingParams, SamplingTensors, candidate_count, device_sample
 from .block_manager import FULL, SLIDING
 from .sequence import Sequence
 
@@ -69,10 +74,14 @@ def plan_kv_cache(
 class StaticDecode:
     """Decode steps (one new token per sequence) through static device buffers.
 
-    On CUDA the forward of each batch-size bucket is captured once as a CUDA graph and replayed:
-    one host-to-device copy of the step's metadata, then a single graph launch. Rows past the
-    real batch are padding (no cache write, a one-token context) whose outputs are dropped.
-    Elsewhere the same buffers feed an eager forward (buckets are exact sizes: no padding).
+    On CUDA each batch-size bucket's whole step is captured once as a CUDA graph and replayed:
+    embedding -> layers -> LM head -> sampler (per-row temperature, top-p, top-k, min-p, seed and
+    position read from device tensors), so a step is a few host-to-device copies, one graph
+    launch and one read-back. Rows past the real batch are padding (no cache write, a one-token
+    context) whose outputs are dropped. The in-graph sampler takes the top MAX_CANDIDATES logits
+    (exact when every row has 0 < top_k <= 64 or is greedy: Swallow's defaults); other batches
+    sample the graph's logits over the whole vocabulary after the replay, still on the device.
+    Without graphs the same buffers and the same step run eagerly (exact-size buckets).
     """
 
     def __init__(self, model: GptOss, kv_caches, max_num_seqs: int, max_blocks: int, use_graphs: bool):
@@ -87,12 +96,13 @@ class StaticDecode:
         self.tables = torch.zeros((2, n, max_blocks), dtype=torch.int32, device=dev)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        self.sampling = SamplingTensors.allocate(n, dev)
         if use_graphs:
             sizes = [b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if b < n] + [n]
         else:
             sizes = list(range(1, n + 1))
         self.buckets = sorted(set(sizes))
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
         self.pool = None
 
     def _meta(self, b: int) -> BatchMeta:
@@ -103,19 +113,23 @@ class StaticDecode:
             sliding=CacheGroupMeta(self.slots[SLIDING, :b], self.tables[SLIDING, :b]),
         )
 
-    def _forward(self, b: int) -> torch.Tensor:
-        return self.model.forward(self.input_ids[:b], self.positions[:b], self._meta(b), self.kv_caches)
+    def _step(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (sampled ids [b], their logprobs [b], logits [b, V]) from the static buffers."""
+        hidden = self.model.forward(self.input_ids[:b], self.positions[:b], self._meta(b), self.kv_caches)
+        logits = self.model.logits(hidden)
+        ids, logprobs = device_sample(logits, self.sampling.rows(b), MAX_CANDIDATES)
+        return ids, logprobs, logits
 
-    def _capture(self, b: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, b: int) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):  # compiles kernels, settles allocations
-                self._forward(b)
+                self._step(b)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self._forward(b)
+            out = self._step(b)
         self.pool = graph.pool()
         return graph, out
 
@@ -134,8 +148,9 @@ class StaticDecode:
     def fits(self, batch_size: int, max_blocks: int) -> bool:
         return batch_size <= self.buckets[-1] and max_blocks <= self.tables.shape[2]
 
-    def run(self, batch: list[tuple[Sequence, int]], block_size: int, has_sliding: bool) -> torch.Tensor:
-        """-> hidden [B, H] for a batch of decodes."""
+    def run(self, batch: list[tuple[Sequence, int]], block_size: int, has_sliding: bool,
+            params: list[SamplingParams], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (sampled ids [B], logprobs [B], logits [B, V]) for a batch of decodes."""
         b = len(batch)
         bucket = next(x for x in self.buckets if x >= b)
         width = self.tables.shape[2]
@@ -158,13 +173,18 @@ class StaticDecode:
             col = slots[g] if slots[g] else [-1] * b
             self.slots[g, :bucket].copy_(torch.tensor(col + [-1] * pad), non_blocking=True)
         self.tables[:, :bucket].copy_(tables, non_blocking=True)
+        self.sampling.fill(params, seeds, [p + 1 for p in pos])
         if not self.use_graphs:
-            return self._forward(bucket)[:b]
-        if bucket not in self.graphs:
-            self.graphs[bucket] = self._capture(bucket)
-        graph, out = self.graphs[bucket]
-        graph.replay()
-        return out[:b]
+            out = self._step(bucket)
+        else:
+            if bucket not in self.graphs:
+                self.graphs[bucket] = self._capture(bucket)
+            graph, out = self.graphs[bucket]
+            graph.replay()
+        sampled, logprobs, logits = (o[:b] for o in out)
+        if candidate_count(params) is None:  # a row without a small top_k: the whole vocabulary
+            sampled, logprobs = device_sample(logits, self.sampling.rows(b), None)
+        return sampled, logprobs, logits
 
 
 class ModelRunner:
@@ -195,6 +215,7 @@ class ModelRunner:
         if use_cuda_graphs is None:
             use_cuda_graphs = self.device.type == "cuda"
         max_blocks = -(-max_model_len // plan.block_size)
+        self._base_seed = random.getrandbits(64)
         self.decode = StaticDecode(self.model, self.kv_caches, max_num_seqs, max_blocks, use_cuda_graphs)
         if use_cuda_graphs:
             self.decode.capture_all()
@@ -248,38 +269,44 @@ class ModelRunner:
             sample_rows,
         )
 
+    def _seed(self, seq: Sequence) -> int:
+        """A request's seed, or a per-runner random one mixed with the sequence id: either way a
+        row's noise depends on its own (seed, position) only."""
+        if seq.params.seed is not None:
+            return seq.params.seed
+        return (self._base_seed ^ (seq.seq_id * 0x9E3779B97F4A7C15)) & (2**64 - 1)
+
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]]) -> list[tuple[int, float | None, list[tuple[int, float]] | None]]:
         """One step. Returns, for each sequence that samples (in batch order),
         (token id, its logprob or None, top logprobs or None)."""
+        sampling = [seq for seq, n in batch if seq.num_computed + n == len(seq.token_ids)]
+        if not sampling:
+            ids, pos, meta, _ = self.prepare(batch)
+            self.model.forward(ids, pos, meta, self.kv_caches)
+            return []
+        params = [s.params for s in sampling]
+        seeds = [self._seed(s) for s in sampling]
         decode = all(n == 1 and seq.num_computed + 1 == len(seq.token_ids) for seq, n in batch)
         if decode and self.decode.fits(len(batch), max(len(s.block_tables[FULL]) for s, _ in batch)):
-            hidden = self.decode.run(batch, self.block_size, self.has_sliding)
-            rows = list(range(len(batch)))
+            tokens, token_lp, logits = self.decode.run(batch, self.block_size, self.has_sliding, params, seeds)
         else:
             ids, pos, meta, rows = self.prepare(batch)
             hidden = self.model.forward(ids, pos, meta, self.kv_caches)[rows]
-        if not rows:
-            return []
-        sampling = [seq for seq, n in batch if seq.num_computed + n == len(seq.token_ids)]
-        logits = self.model.logits(hidden)
-        params = [s.params for s in sampling]
-        for s in sampling:
-            if s.params.seed is not None and s.generator is None:
-                s.generator = torch.Generator(device=self.device).manual_seed(s.params.seed)
-        tokens = sample(logits, params, [s.generator for s in sampling])
-        want_lp = [s.params.logprobs for s in sampling]
-        logprobs = None
-        if any(want_lp):
-            logprobs = torch.log_softmax(logits, dim=-1)
-        tokens_l = tokens.tolist()
+            logits = self.model.logits(hidden)
+            t = SamplingTensors.allocate(len(rows), self.device)
+            t.fill(params, seeds, [len(s.token_ids) for s in sampling])
+            tokens, token_lp = device_sample(logits, t, candidate_count(params))
+        # the step's one read-back (ids < 2^53 are exact in float64)
+        host = torch.stack((tokens.double(), token_lp.double())).tolist()
         out: list[tuple[int, float | None, list[tuple[int, float]] | None]] = []
         for i, s in enumerate(sampling):
+            tok = int(host[0][i])
             lp = top = None
-            if want_lp[i]:
-                lp = float(logprobs[i, tokens_l[i]])
+            if s.params.logprobs:
+                lp = host[1][i]
                 if s.params.top_logprobs:
-                    v, ix = logprobs[i].topk(s.params.top_logprobs)
+                    v, ix = torch.log_softmax(logits[i], dim=-1).topk(s.params.top_logprobs)
                     top = list(zip(ix.tolist(), v.tolist()))
-            out.append((tokens_l[i], lp, top))
+            out.append((tok, lp, top))
         return out

@@ -1,13 +1,20 @@
 """The model's ops, with two implementations of one interface.
 
 `TORCH_OPS`: plain torch (CPU, and the oracle for the kernels). `triton_ops()`: the Triton
-kernels of `swallow_kernels` (CUDA; on CPU under TRITON_INTERPRET=1 for tests).
+kernels of `swallow_kernels` (CUDA; on CPU under TRITON_INTERPRET=1 for tests), built here from
+the kernels' plain functions (the kernels package does not import swallow_stream).
+
+`prepare_experts(w)` runs once per layer at model construction: the Triton set repacks MXFP4
+experts into the kernels' layout (`w.packed`) and, on CUDA, releases the HF-layout copy.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 from typing import Callable
+
+import torch
 
 from . import reference
 from .mxfp4 import FP4_VALUES, dequantize_mxfp4
@@ -23,6 +30,11 @@ class OpSet:
     attention: Callable
     route: Callable
     experts: Callable
+    # Fused forms the model's forward uses: RoPE + KV-cache write in one op; the MoE output left
+    # unreduced (fp32 [T, k, H]) for the next rms_norm to sum with the residual add.
+    rope_store_kv: Callable
+    experts_partial: Callable
+    prepare_experts: Callable[[ExpertWeights], None] = field(default=lambda w: None)
 
 
 TORCH_OPS = OpSet(
@@ -33,13 +45,62 @@ TORCH_OPS = OpSet(
     attention=reference.attention,
     route=reference.route,
     experts=reference.experts,
+    rope_store_kv=reference.rope_store_kv,
+    experts_partial=reference.experts_partial,
 )
 
 
-def triton_ops() -> OpSet:
-    from swallow_kernels.ops import TRITON_OPS
+def _pack(w: ExpertWeights):
+    from swallow_kernels.ops import pack_experts
 
-    return TRITON_OPS
+    return pack_experts(w.gate_up_blocks, w.gate_up_scales, w.gate_up_bias, w.down_blocks, w.down_scales, w.down_bias)
+
+
+def _prepare_experts_triton(w: ExpertWeights) -> None:
+    if w.packed is None and w.gate_up_blocks is not None:
+        w.packed = _pack(w)
+        if w.gate_up_blocks.device.type == "cuda":
+            # one copy of the experts on the GPU: the kernels' layout
+            w.gate_up_blocks = w.gate_up_scales = w.down_blocks = w.down_scales = None
+            w.dequantized = None
+
+
+def _experts_partial_triton(x: torch.Tensor, expert_weights: torch.Tensor, expert_ids: torch.Tensor, w: ExpertWeights,
+                            swiglu_limit: float) -> torch.Tensor:
+    if not w.quantized:  # dense (bf16) experts: one GEMM pair per active expert
+        return reference.experts_partial(x, expert_weights, expert_ids, w, swiglu_limit)
+    _prepare_experts_triton(w)
+    from swallow_kernels.ops import experts_partial
+
+    return experts_partial(x, expert_weights, expert_ids, w.packed, swiglu_limit)
+
+
+def _experts_triton(x: torch.Tensor, expert_weights: torch.Tensor, expert_ids: torch.Tensor, w: ExpertWeights,
+                    swiglu_limit: float) -> torch.Tensor:
+    if not w.quantized:
+        return reference.experts(x, expert_weights, expert_ids, w, swiglu_limit)
+    _prepare_experts_triton(w)
+    from swallow_kernels.ops import experts
+
+    return experts(x, expert_weights, expert_ids, w.packed, swiglu_limit)
+
+
+@functools.cache
+def triton_ops() -> OpSet:
+    from swallow_kernels import ops as k
+
+    return OpSet(
+        name="triton",
+        rms_norm=k.rms_norm,
+        rope=k.rope,
+        store_kv=k.store_kv,
+        attention=k.attention,
+        route=k.route,
+        experts=_experts_triton,
+        rope_store_kv=k.rope_store_kv,
+        experts_partial=_experts_partial_triton,
+        prepare_experts=_prepare_experts_triton,
+    )
 
 
 def get_ops(backend: str, device_type: str) -> OpSet:

@@ -36,9 +36,12 @@ class ExpertWeights:
     # CPU only: MXFP4 experts dequantized once ([E, 2I, H], [E, H, I]), trading memory for
     # not unpacking the chosen experts at every step. GPU kernels always read the packed form.
     dequantized: tuple[torch.Tensor, torch.Tensor] | None = None
+    # The Triton kernels' layout (swallow_kernels.MoEWeights), made once by OpSet.prepare_experts;
+    # on CUDA the HF-layout tensors above are then released.
+    packed: object | None = None
 
     def materialize(self, dtype: torch.dtype) -> None:
-        if self.quantized and self.dequantized is None:
+        if self.gate_up_blocks is not None and self.dequantized is None:
             self.dequantized = (
                 dequantize_mxfp4(self.gate_up_blocks, self.gate_up_scales, dtype),
                 dequantize_mxfp4(self.down_blocks, self.down_scales, dtype),
@@ -46,7 +49,7 @@ class ExpertWeights:
 
     @property
     def quantized(self) -> bool:
-        return self.gate_up_blocks is not None
+        return self.gate_up_blocks is not None or self.packed is not None
 
     @property
     def num_experts(self) -> int:
@@ -74,8 +77,12 @@ def rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(norm(x + residual) * weight, x + residual). x, residual [T, H]; weight [H] fp32.
 
-    The sum is the new residual stream (in x's dtype); the norm is computed in fp32.
+    The sum is the new residual stream (in x's dtype); the norm is computed in fp32. x may be the
+    MoE's fp32 partials [T, k, H] (`experts_partial`): summed over k and rounded to the residual's
+    dtype first, as a stored MoE output would be.
     """
+    if x.dim() == 3:
+        x = x.sum(1).to(residual.dtype)
     if residual is not None:
         x = x + residual
     xf = x.float()
@@ -107,6 +114,16 @@ def store_kv(
     slots = slot_mapping[keep].long()
     k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
     v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+
+
+def rope_store_kv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """rope(q, k) then store_kv(rotated k, v): returns the rotated q; k and v go to the caches."""
+    q, k = rope(q, k, positions, cos, sin)
+    store_kv(k, v, k_cache, v_cache, slot_mapping)
+    return q
 
 
 def attention(
@@ -165,6 +182,10 @@ def route(
     """Router: logits = x W^T + b; top-k on raw logits; softmax over the k.
     x [T, H] -> (weights [T, k] fp32, expert ids [T, k] int32)."""
     logits = F.linear(x.float(), weight.float(), bias.float())
+    # NaN ranks lowest and infinities become the finite extremes, so top-k always picks k
+    # distinct in-range experts and the softmax stays finite (ties: the lowest id first).
+    big = torch.finfo(torch.float32).max
+    logits = torch.nan_to_num(logits, nan=-big, posinf=big, neginf=-big)
     top, ids = torch.topk(logits, top_k, dim=-1)
     return torch.softmax(top, dim=-1), ids.to(torch.int32)
 
@@ -177,16 +198,16 @@ def swiglu_clamped(gate_up: torch.Tensor, limit: float) -> torch.Tensor:
     return gate * torch.sigmoid(SWIGLU_ALPHA * gate) * (up + 1)
 
 
-def experts(
+def experts_partial(
     x: torch.Tensor,
     expert_weights: torch.Tensor,
     expert_ids: torch.Tensor,
     w: ExpertWeights,
     swiglu_limit: float,
 ) -> torch.Tensor:
-    """Mixture of experts. x [T, H]; expert_weights [T, k] fp32; expert_ids [T, k].
-    out[t] = sum_j weight[t,j] * (down_e(swiglu(gate_up_e(x[t]) + b1_e)) + b2_e), e = ids[t,j].
-    Only the experts some token chose are dequantized. Returns [T, H] in x's dtype."""
+    """Mixture of experts, unreduced. x [T, H]; expert_weights [T, k] fp32; expert_ids [T, k].
+    y[t, j] = weight[t,j] * (down_e(swiglu(gate_up_e(x[t]) + b1_e)) + b2_e), e = ids[t,j]:
+    fp32 [T, k, H]. Only the experts some token chose are dequantized."""
     t, h = x.shape
     k = expert_ids.shape[1]
     flat = expert_ids.reshape(-1).long()  # [T*k] (token, slot) pairs
@@ -204,4 +225,19 @@ def experts(
         ys[seg] = torch.addmm(w.down_bias[e].float(), swiglu_clamped(gu, swiglu_limit), w.down_weight(e, torch.float32).t())
         start += n
     ys *= expert_weights.reshape(-1)[order].unsqueeze(1)
-    return torch.zeros(t, h, dtype=torch.float32, device=x.device).index_add_(0, tok, ys).to(x.dtype)
+    y = torch.empty_like(ys)
+    y[order] = ys
+    return y.view(t, k, h)
+
+
+def experts(
+    x: torch.Tensor,
+    expert_weights: torch.Tensor,
+    expert_ids: torch.Tensor,
+    w: ExpertWeights,
+    swiglu_limit: float,
+) -> torch.Tensor:
+    """Mixture of experts. x [T, H]; expert_weights [T, k] fp32; expert_ids [T, k].
+    out[t] = sum_j weight[t,j] * (down_e(swiglu(gate_up_e(x[t]) + b1_e)) + b2_e), e = ids[t,j].
+    Returns [T, H] in x's dtype."""
+    return experts_partial(x, expert_weights, expert_ids, w, swiglu_limit).sum(1).to(x.dtype)

@@ -1,6 +1,7 @@
-"""Every kernel, at the configurations the engine launches for the 20B / 120B shapes, compiles
-ahead of time for sm_80 and sm_90 with no GPU: no local-memory spills, and wgmma (Hopper tensor
-cores) in the PTX of the prefill attention and prefill MoE matmuls.
+"""Every kernel, at the configurations the engine launches for the 20B / 120B shapes (every
+decode bucket and a 2k prefill), compiles ahead of time for sm_80 and sm_90 with no GPU: no
+spill (STACK or LOCAL), wgmma in the prefill matmuls, and MoE main loops that can keep up with
+HBM: 16-byte weight loads and a bounded number of SASS instructions per weight byte.
 
 Compilation runs once per session in a subprocess (`python -m swallow_kernels.aot --json`):
 kernels defined under TRITON_INTERPRET (set by conftest on machines without a GPU) cannot be
@@ -17,6 +18,11 @@ import sys
 import pytest
 
 ARCHS = (80, 90)
+# SASS instructions per weight byte a thread may spend in a decode MoE main loop. An SM issues
+# 128 thread-instructions a clock; an H200 streams ~18 B a clock per SM (4.8 TB/s, 132 SMs,
+# 1.98 GHz), so above ~7 the kernel is issue-bound; 6 leaves room for the rest of the SM's work.
+# An A100 streams ~13.4 B/clock/SM (2.04 TB/s, 108 SMs, 1.41 GHz): its bound is ~9.5; 7 there.
+MAX_INSTR_PER_WEIGHT_BYTE = {90: 6.0, 80: 7.0}
 
 
 @pytest.fixture(scope="module")
@@ -25,29 +31,39 @@ def compiled() -> dict[tuple[str, int], dict]:
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run(
         [sys.executable, "-m", "swallow_kernels.aot", "--json", "--arch", *map(str, ARCHS)],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True, text=True, env=env, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     return {(r["name"], r["arch"]): r for r in results}
 
 
-def _names() -> list[str]:
+def _configs():
     # Config names without compiling (importing the module under the interpreter is fine).
-    from swallow_kernels.aot import engine_configs
+    from swallow_kernels.aot import DECODE_BUCKETS, engine_configs
 
-    return [c.name for c in engine_configs()]
-
-
-NAMES = _names()
+    return engine_configs(), DECODE_BUCKETS
 
 
-def test_engine_configs_cover_decode_and_prefill():
+CONFIGS, BUCKETS = _configs()
+NAMES = [c.name for c in CONFIGS]
+MOE_LOOPS = [c.name for c in CONFIGS if c.loop_weight_bytes]
+MOE_DECODE_LOOPS = [c.name for c in CONFIGS if c.loop_weight_bytes and c.decode]
+
+
+def test_engine_configs_cover_every_bucket():
     joined = " | ".join(NAMES)
-    for needed in ("rms_norm", "rope", "store_kv", "attention decode", "attention prefill", "attention combine",
-                   "route 20b", "route 120b", "group 20b", "group 120b", "moe gate_up decode", "moe gate_up prefill",
-                   "moe down decode", "moe down prefill", "moe combine"):
+    for needed in ("rms_norm", "rms_norm(moe partials", "rope_store_kv", "store_kv", "attention prefill", "attention combine",
+                   "moe combine"):
         assert needed in joined, needed
+    for size in ("20b", "120b"):
+        for b in BUCKETS:
+            for kernel in ("route", "group", "moe gate_up", "moe down"):
+                assert f"{kernel} {size} decode(batch {b})" in NAMES
+            assert f"moe gate_up {size} prefill(2k)" in NAMES
+    for b in BUCKETS:
+        assert f"attention decode(batch {b}, full)" in NAMES and f"attention decode(batch {b}, sliding)" in NAMES
+    assert len(MOE_DECODE_LOOPS) == 2 * 2 * len(BUCKETS)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -62,3 +78,27 @@ def test_compiles_without_spills(compiled, name, arch):
 def test_prefill_matmuls_use_wgmma_on_sm90(compiled, name):
     assert compiled[(name, 90)]["wgmma"], f"{name}: no wgmma in the sm_90 PTX"
     assert compiled[(name, 80)]["mma"], f"{name}: no tensor-core mma in the sm_80 PTX"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", MOE_LOOPS)
+def test_moe_main_loop_streams_weights_in_16_byte_loads(compiled, name, arch):
+    """The weight words (K/2 bytes a row) arrive in 16-byte loads: the loop's 16-byte loads cover
+    every word byte a thread consumes per step."""
+    r = compiled[(name, arch)]
+    cfg = CONFIGS[NAMES.index(name)]
+    word_bytes = cfg.loop_weight_bytes * 16 / 17 / (32 * cfg.options["num_warps"])  # words: 16 of every 17 bytes
+    loads = r["loop_global_loads"]
+    assert r["widest_global_load"] == 16
+    assert loads.get("16", 0) * 16 >= word_bytes, f"{name} sm_{arch}: loads {loads} for {word_bytes:.0f} B of words"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", MOE_DECODE_LOOPS)
+def test_moe_decode_main_loop_instructions_per_weight_byte(compiled, name, arch):
+    r = compiled[(name, arch)]
+    assert r["loop_instructions"] > 0
+    ratio = r["instructions_per_weight_byte"]
+    assert ratio <= MAX_INSTR_PER_WEIGHT_BYTE[arch], (
+        f"{name} sm_{arch}: {r['loop_instructions']} SASS instructions for "
+        f"{r['loop_weight_bytes_per_thread']:.0f} weight bytes a thread = {ratio:.2f}/B")

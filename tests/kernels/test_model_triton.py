@@ -135,6 +135,18 @@ def test_model_bf16_logprobs_match_torch_ops(tiny_cfg, device, inputs):
 def test_get_ops_triton_is_the_kernel_opset():
     ops = get_ops("triton", "cpu")
     assert ops.name == "triton"
-    from swallow_kernels.ops import TRITON_OPS
+    from swallow_kernels import ops as kernel_ops
 
-    assert ops is TRITON_OPS
+    for name in ("rms_norm", "rope", "store_kv", "attention", "route"):
+        assert getattr(ops, name) is getattr(kernel_ops, name)
+    assert get_ops("triton", "cpu") is ops
+
+
+def test_kernels_package_does_not_import_swallow_stream():
+    """swallow_kernels is self-contained: importing it in a fresh interpreter loads no swallow_stream."""
+    import subprocess
+    import sys
+
+    code = "import sys, swallow_kernels.ops, swallow_kernels.aot; print(any(m.startswith('swallow_stream') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"

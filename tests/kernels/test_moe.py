@@ -1,14 +1,16 @@
-"""Router, grouping and the MXFP4 expert kernels against the torch reference."""
+"""Router, grouping, the kernels' MXFP4 layout and the expert kernels against the torch reference."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from swallow_stream.ops import reference
+from swallow_stream.ops import reference, triton_ops
+from swallow_stream.ops.mxfp4 import dequantize_mxfp4
 from swallow_stream.ops.reference import ExpertWeights
 
-from swallow_kernels.moe import group_by_expert, launch_config, moe_experts, route
+from swallow_kernels.moe import _TICKETS, experts, group_by_expert, launch_config, pack_experts, route
+from swallow_kernels.mxfp4 import pack_mxfp4, scale_pad, unpack_mxfp4
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -28,6 +30,14 @@ def mxfp4_experts(e: int, h: int, inter: int, device, seed: int = 0) -> ExpertWe
         down_bias=(torch.randn(e, h, generator=g) * 0.1).to(device),
         gate_up_blocks=gub, gate_up_scales=gus, down_blocks=db, down_scales=ds,
     )
+
+
+def packed(w: ExpertWeights):
+    return pack_experts(w.gate_up_blocks, w.gate_up_scales, w.gate_up_bias, w.down_blocks, w.down_scales, w.down_bias)
+
+
+def moe_experts(x, rw, ids, w: ExpertWeights, limit, config=None):
+    return experts(x, rw, ids, packed(w), limit, config=config)
 
 
 def uneven_routing(t: int, k: int, e: int, seed: int, device):
@@ -52,6 +62,33 @@ def test_route(device, assert_close, dtype, t, h, e, k):
     assert weights.dtype == torch.float32 and ids.dtype == torch.int32 and ids.shape == (t, k)
     assert torch.equal(ids, ids_ref)
     assert_close(weights, w_ref, torch.float32, scale=10)
+    # e > 16 splits the experts over programs; the last one of a token block (ticket) takes the
+    # top-k and leaves the tickets zero for the next launch (CUDA-graph replays reuse them)
+    assert not _TICKETS[x.device].any()
+    assert torch.equal(route(x, wt, b, k)[1], ids)
+
+
+def test_route_nan_and_inf_logits_give_in_range_distinct_experts(device):
+    """A NaN logit ranks lowest and +-inf clamp to finite: ids stay < E and distinct, weights finite."""
+    t, h, e, k = 4, 32, 8, 4
+    x = torch.randn(t, h, generator=torch.Generator().manual_seed(3)).to(device)
+    wt = torch.zeros(e, h, device=device)
+    b = torch.arange(e, dtype=torch.float32, device=device)  # logits = expert id (+ the poison below)
+    b_rows = b.expand(t, e).clone()
+    b_rows[0, 7] = float("nan")  # the best expert is NaN: the next four win
+    b_rows[1, :] = float("nan")  # all NaN
+    b_rows[2, 3] = float("inf")
+    b_rows[3, 5] = float("-inf")
+    for row in range(t):  # one row at a time: the bias carries the row's poison
+        weights, ids = route(x[row : row + 1], wt, b_rows[row], k)
+        w_ref, ids_ref = reference.route(x[row : row + 1], wt, b_rows[row], k)
+        assert ((ids >= 0) & (ids < e)).all() and len(set(ids[0].tolist())) == k, ids
+        assert torch.isfinite(weights).all() and torch.allclose(weights.sum(-1).cpu(), torch.ones(1))
+        if row != 1:  # all-NaN: ties everywhere, any k distinct experts are right
+            assert torch.equal(ids, ids_ref), (row, ids, ids_ref)
+            assert torch.allclose(weights, w_ref, atol=1e-6)
+    _, ids = route(x[1:2], wt, b_rows[1], k)
+    assert ids[0].tolist() == [0, 1, 2, 3]  # ties -> lowest ids, in order
 
 
 @pytest.mark.parametrize("t,k,e,block_m", [(1, 4, 32, 16), (70, 4, 8, 16), (300, 2, 16, 64)])
@@ -72,6 +109,44 @@ def test_group_by_expert(device, t, k, e, block_m):
         assert (flat[sorted_pairs[r0 : r0 + ln].long()] == ex).all()
         covered[r0 : r0 + ln] += 1
     assert (covered == 1).all()
+
+
+def test_pack_mxfp4_roundtrip_and_layout():
+    """The kernels' layout holds exactly the HF values: same bytes, 16-byte aligned scale rows."""
+    w = mxfp4_experts(3, 160, 64, "cpu", seed=4)
+    words, scales = pack_mxfp4(w.down_blocks, w.down_scales)
+    assert words.dtype == torch.int32 and words.shape == (3, 160, 64 // 8)
+    assert words.numel() * 4 == w.down_blocks.numel()
+    assert scales.shape == (3, 160, scale_pad(64)) and scales.shape[-1] % 16 == 0
+    assert torch.equal(unpack_mxfp4(words, scales), dequantize_mxfp4(w.down_blocks, w.down_scales))
+    pk = packed(w)  # gate/up de-interleaved
+    gu = dequantize_mxfp4(w.gate_up_blocks, w.gate_up_scales)
+    assert torch.equal(unpack_mxfp4(pk.gate_up_words[:, 0], pk.gate_up_scales[:, 0]), gu[:, 0::2])
+    assert torch.equal(unpack_mxfp4(pk.gate_up_words[:, 1], pk.gate_up_scales[:, 1]), gu[:, 1::2])
+
+
+def test_dequant_covers_every_code_and_scale_range(device):
+    """All 16 E2M1 codes at the extreme scales of the documented exact range (65, 191) and 127,
+    through the kernel's dequant (an expert whose down_proj is the identity pattern)."""
+    e, h, inter = 1, 32, 32
+    g = torch.Generator().manual_seed(0)
+    w = mxfp4_experts(e, h, inter, "cpu", seed=1)
+    codes = torch.arange(16, dtype=torch.uint8).repeat(2)  # 32 values: every code twice
+    row = (codes[0::2] | (codes[1::2] << 4)).view(1, 16)
+    w.down_blocks[:] = row
+    for s in (65, 127, 191):
+        w.down_scales[:] = s
+        w.gate_up_scales[:] = 120
+        x = torch.randn(1, h, generator=g)
+        rw, ids = torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.int32)
+        out = moe_experts(x.to(device), rw.to(device), ids.to(device), _to(w, device), 7.0)
+        ref = reference.experts(x, rw, ids, w, 7.0)
+        assert torch.allclose(out.cpu(), ref, rtol=1e-5, atol=1e-30 if s < 100 else 1e-6), s
+
+
+def _to(w: ExpertWeights, device) -> ExpertWeights:
+    return ExpertWeights(**{f: (getattr(w, f).to(device) if isinstance(getattr(w, f), torch.Tensor) else getattr(w, f))
+                            for f in ("gate_up_bias", "down_bias", "gate_up_blocks", "gate_up_scales", "down_blocks", "down_scales")})
 
 
 # (tokens, top_k, experts, hidden, intermediate, tile override)
@@ -110,20 +185,42 @@ def test_experts_dense_weights_fall_back(device, assert_close):
                       gate_up=torch.randn(4, 32, 64, generator=g).to(device), down=torch.randn(4, 32, 32, generator=g).to(device))
     rw, ids = uneven_routing(3, 2, 4, seed=1, device=device)
     x = torch.randn(3, 32, generator=g).to(device)
-    assert_close(moe_experts(x, rw, ids, w, 7.0), reference.experts(x, rw, ids, w, 7.0), torch.float32)
+    assert_close(triton_ops().experts(x, rw, ids, w, 7.0), reference.experts(x, rw, ids, w, 7.0), torch.float32)
 
 
-def test_decode_tile_covers_all_tokens_of_an_expert():
-    """In decode an expert's weights are read once per step: one M-tile holds all its tokens."""
-    for t in (1, 8, 33, 64):
-        assert launch_config(t)["BLOCK_M"] >= t
+def test_opset_packs_experts_once(device, assert_close):
+    """The Triton OpSet repacks at prepare time and reuses the packed layout; on CUDA it drops the
+    HF copy (one copy of the experts in GPU memory)."""
+    ops = triton_ops()
+    w = mxfp4_experts(4, 64, 32, device, seed=2)
+    ref_w = _to(w, device)
+    ops.prepare_experts(w)
+    first = w.packed
+    assert first is not None and w.quantized
+    assert (w.gate_up_blocks is None) == (device.type == "cuda")
+    rw, ids = uneven_routing(3, 2, 4, seed=1, device=device)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1)).to(device)
+    assert_close(ops.experts(x, rw, ids, w, 7.0), reference.experts(x, rw, ids, ref_w, 7.0), torch.float32)
+    assert w.packed is first
+
+
+def test_tiles_follow_tokens_per_expert():
+    """The token tile is T*k/E rounded up to a power of two, 16..64: decode buckets at the 120B
+    shape (E=128, k=4) stay at 16, a 2k prefill fills 64."""
+    for t in (1, 8, 64, 128):
+        assert launch_config(t, 4, 128)["BLOCK_M"] == 16
+    assert launch_config(256, 4, 32)["BLOCK_M"] == 32
+    assert launch_config(2048, 4, 128)["BLOCK_M"] == 64
+    assert launch_config(2048, 4, 32)["BLOCK_M"] == 64
 
 
 def test_experts_reject_bad_input(device):
-    w = mxfp4_experts(4, 64, 32, device)
+    w = packed(mxfp4_experts(4, 64, 32, device))
     rw, ids = uneven_routing(2, 2, 4, seed=0, device=device)
     x = torch.randn(2, 64, device=device)
     with pytest.raises(ValueError, match="expert_ids"):
-        moe_experts(x, rw, ids.long(), w, 7.0)
-    with pytest.raises(ValueError, match="gate_up_blocks"):
-        moe_experts(torch.randn(2, 96, device=device), rw, ids, w, 7.0)
+        experts(x, rw, ids.long(), w, 7.0)
+    with pytest.raises(ValueError, match="gate_up_words"):
+        experts(torch.randn(2, 96, device=device), rw, ids, w, 7.0)
+    with pytest.raises(ValueError, match="MoEWeights"):
+        experts(x, rw, ids, mxfp4_experts(4, 64, 32, device), 7.0)
