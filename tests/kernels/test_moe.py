@@ -179,13 +179,38 @@ def test_experts_clamp_active(device, assert_close):
     assert_close(moe_experts(x, rw, ids, w, 7.0), reference.experts(x, rw, ids, w, 7.0), torch.float32)
 
 
+def dense_experts_by_hand(x, rw, ids, w: ExpertWeights, limit):
+    """gpt-oss expert math, one token and one chosen expert at a time: gate_up rows interleaved
+    (even = gate, odd = up), gate clamped above and up to [-limit, limit],
+    gate * sigmoid(1.702 * gate) * (up + 1), down projection, bias added before the routing weight."""
+    out = torch.zeros(x.shape[0], w.down.shape[-1], dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            h = x[t].double() @ w.gate_up[e].double() + w.gate_up_bias[e].double()
+            gate, up = h[0::2].clamp(max=limit), h[1::2].clamp(-limit, limit)
+            act = gate * torch.sigmoid(1.702 * gate) * (up + 1)
+            out[t] += float(rw[t, j]) * (act @ w.down[e].double() + w.down_bias[e].double())
+    return out
+
+
 def test_experts_dense_weights_fall_back(device, assert_close):
+    """Dense (bf16 or fp32) experts on the Triton op set run the torch path; both are checked
+    against the expert math written out, on activations large enough to hit both clamps."""
     g = torch.Generator().manual_seed(0)
     w = ExpertWeights(gate_up_bias=torch.randn(4, 64, generator=g).to(device), down_bias=torch.randn(4, 32, generator=g).to(device),
                       gate_up=torch.randn(4, 32, 64, generator=g).to(device), down=torch.randn(4, 32, 32, generator=g).to(device))
     rw, ids = uneven_routing(3, 2, 4, seed=1, device=device)
     x = torch.randn(3, 32, generator=g).to(device)
-    assert_close(triton_ops().experts(x, rw, ids, w, 7.0), reference.experts(x, rw, ids, w, 7.0), torch.float32)
+    cpu_w = ExpertWeights(**{f: getattr(w, f).cpu() for f in ("gate_up_bias", "down_bias", "gate_up", "down")})
+    want = dense_experts_by_hand(x.cpu(), rw.cpu(), ids.cpu(), cpu_w, 7.0).float()
+    got_triton = triton_ops().experts(x, rw, ids, w, 7.0)
+    got_torch = reference.experts(x, rw, ids, w, 7.0)
+    assert_close(got_triton.cpu(), want, torch.float32)
+    assert_close(got_torch.cpu(), want, torch.float32)
+    # the clamps were exercised: some gate/up values lie outside [-7, 7] before clamping
+    h = torch.einsum("th,thk->tk", x.cpu(), w.gate_up.cpu()[ids.cpu()[:, 0]]) + w.gate_up_bias.cpu()[ids.cpu()[:, 0]]
+    assert (h.abs() > 7).any()
 
 
 def test_opset_packs_experts_once(device, assert_close):
