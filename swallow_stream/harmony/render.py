@@ -163,14 +163,19 @@ def render_messages(
     if day:
         sys_content = sys_content.with_conversation_start_date(day)
     conv: list[Any] = [Message.from_role_and_content(Role.SYSTEM, sys_content)]
+    # The text of each message after the system one, in order. openai_harmony renders the
+    # skeleton with every text empty and our tokenizer encodes the texts: harmony's own BPE is
+    # quadratic on long runs of one character and holds the GIL while it works, so a hostile
+    # prompt rendered by it would freeze every thread (an event loop included) for seconds.
+    bodies: list[str] = []
 
     instructions = [system] if system else []
     instructions += [
         m["content"] for m in msgs if m["role"] in ("system", "developer") and m["content"]
     ]
     if instructions:
-        dev = DeveloperContent.new().with_instructions("\n\n".join(instructions))
-        conv.append(Message.from_role_and_content(Role.DEVELOPER, dev))
+        conv.append(Message.from_role_and_content(Role.DEVELOPER, DeveloperContent.new().with_instructions("")))
+        bodies.append(DEVELOPER_HEADING + "\n\n".join(instructions))
 
     # (role, channel, text) in order; system/developer were folded into the instructions above.
     turns: list[tuple[Any, str | None, str]] = []
@@ -190,9 +195,42 @@ def render_messages(
         last_final = assistant[-1]
         turns = [t for i, t in enumerate(turns) if not (t[1] == "analysis" and i < last_final)]
     for role, channel, text in turns:
-        msg = Message.from_role_and_content(role, text)
+        msg = Message.from_role_and_content(role, "")
         conv.append(msg.with_channel(channel) if channel else msg)
-    return get_encoding().render_conversation_for_completion(
+        bodies.append(text)
+    skeleton = get_encoding().render_conversation_for_completion(
         Conversation.from_messages(conv), Role.ASSISTANT
     )
+    return _fill(skeleton, bodies)
 
+
+# How harmony opens a developer message's text (checked against harmony by the tests).
+DEVELOPER_HEADING = "# Instructions\n\n"
+
+
+def _fill(skeleton: list[int], bodies: list[str]) -> list[int]:
+    """The skeleton with message k+1's text (between its <|message|> and <|end|>) replaced by
+    the encoding of bodies[k]; the system message (k = 0) is kept as harmony wrote it."""
+    from .tokenizer import get_tokenizer
+    from .tokens import TOKEN_END, TOKEN_MESSAGE
+
+    tok = get_tokenizer()
+    out: list[int] = []
+    k = -1
+    i, n = 0, len(skeleton)
+    while i < n:
+        t = skeleton[i]
+        out.append(t)
+        i += 1
+        if t != TOKEN_MESSAGE:
+            continue
+        if k >= 0:
+            if k >= len(bodies):
+                raise AssertionError("harmony rendered more messages than were given")
+            out.extend(tok.encode(bodies[k]))
+            while i < n and skeleton[i] != TOKEN_END:
+                i += 1
+        k += 1
+    if k != len(bodies):
+        raise AssertionError(f"harmony rendered {k} messages after the system one; expected {len(bodies)}")
+    return out
