@@ -33,7 +33,7 @@ POLICY_VIOLATION = 1008
 PENDING_PER_LIMIT = 8  # generations a connection may hold, cancelled ones included, per one running
 
 
-@dataclass
+@dataclass(eq=False)  # kept in a set by identity
 class _Generation:
     id: Any
     stream: AsyncStream | None = None  # None while its prompt is being prepared off the loop
@@ -56,6 +56,7 @@ class WSConnection:
         self._wake = asyncio.Event()
         self._opening: set[asyncio.Task] = set()
         self._last_open: asyncio.Task | None = None
+        self._detached: set[_Generation] = set()  # cancelled while being opened (ids already free)
         self.closed = False
 
     def wake(self) -> None:
@@ -116,6 +117,9 @@ class WSConnection:
         if self.gens.get(_key(gen.id)) is gen:
             del self.gens[_key(gen.id)]
             self.metrics.generations_active -= 1
+        elif gen in self._detached:
+            self._detached.discard(gen)
+            self.metrics.generations_active -= 1
 
     async def _send_loop(self) -> None:
         while True:
@@ -150,7 +154,7 @@ class WSConnection:
             self.metrics.ws_connections -= 1
             for task in list(self._opening):
                 await cancel_task(task)  # a request still being opened is cancelled once open
-            for gen in list(self.gens.values()):
+            for gen in [*self.gens.values(), *self._detached]:
                 if gen.stream is not None:
                     gen.stream.cancel()  # the engine frees their blocks before its next step
                 self._forget(gen)
@@ -220,10 +224,10 @@ class WSConnection:
             self.error("invalid_request", f"generation {gid!r} is already running on this connection", gid)
             return
         limit = self.settings.ws_max_generations
-        running = sum(1 for g in self.gens.values() if not g.cancelled)
+        running = len(self.gens)
         # Cancelled ones still being opened do not count against the limit, only against a bound
         # on what one connection may have pending (each holds its request's text).
-        if running >= limit or len(self.gens) >= PENDING_PER_LIMIT * limit:
+        if running >= limit or running + len(self._detached) >= PENDING_PER_LIMIT * limit:
             self.error("overloaded", f"this connection already runs {running} generations (limit {limit})", gid)
             return
         try:
@@ -276,6 +280,9 @@ class WSConnection:
         gen.cancelled = True
         if gen.stream is not None:
             self._end_now(gen)
+        else:  # still being opened: its id is free now, its frames follow once it is open
+            del self.gens[_key(gid)]
+            self._detached.add(gen)
 
     def _end_now(self, gen: _Generation) -> None:
         """Cancel gen and queue its last frames now: its id and its slot on this connection are

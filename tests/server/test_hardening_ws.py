@@ -114,6 +114,26 @@ async def test_cancel_then_generate_is_never_overloaded(limited_server):
     assert await await_until(lambda: engine_idle(limited_server.backend))
 
 
+async def test_cancel_while_opening_frees_the_id(tiny_server):
+    """A cancel that arrives while the prompt is still being prepared: the id is free for the
+    next frame, and each generation's frames still come start -> done, in order."""
+    big = "The quick brown fox jumps over the lazy dog. " * 600  # a few ms of rendering
+    async with connect(tiny_server.ws) as ws:
+        for _ in range(5):
+            await ws.send(json.dumps({"type": "generate", "id": "same", "prompt": big, "params": {"max_tokens": 60}}))
+            await ws.send(json.dumps({"type": "cancel", "id": "same"}))
+        await ws.send(json.dumps({"type": "generate", "id": "same", "prompt": "hi", "params": {"max_tokens": 3}}))
+        kinds = []
+        while len(kinds) < 12:
+            f = await recv(ws)
+            assert f["type"] != "error", f
+            if f["type"] != "token":
+                kinds.append((f["type"], f.get("finish_reason")))
+    assert kinds[:10] == [("start", None), ("done", "cancelled")] * 5
+    assert kinds[10] == ("start", None) and kinds[11][0] == "done" and kinds[11][1] != "cancelled"
+    assert await await_until(lambda: engine_idle(tiny_server.backend))
+
+
 async def _cached(ws_url: str, prompt: str, headers: dict | None = None, **params) -> int:
     async with connect(ws_url, additional_headers=headers or {}) as ws:
         await ws.send(json.dumps({"type": "generate", "id": 1, "prompt": prompt,
