@@ -227,8 +227,9 @@ def make_router(backend: Backend, settings: Settings, metrics: Metrics) -> APIRo
     async def chat_completions(request: Request):
         try:
             check_auth(request)
+            raw = await _read_body(request, settings.http_max_body_bytes)
             try:
-                body = await request.json()
+                body = json.loads(raw)
             except (ValueError, RecursionError):  # RecursionError: nested too deeply
                 raise APIError("invalid_request", "request body is not valid JSON")
             if not isinstance(body, dict):
@@ -262,6 +263,21 @@ def make_router(backend: Backend, settings: Settings, metrics: Metrics) -> APIRo
         return await _complete(s, rid, created, include_reasoning, kwargs["logprobs"], tokenizer, metrics, request)
 
     return router
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) past `limit` bytes before more of it is read or parsed."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise APIError("invalid_request", f"request body of {declared} bytes exceeds the limit of {limit} bytes",
+                       status=413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError("invalid_request", f"request body exceeds the limit of {limit} bytes", status=413)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def _complete(s: AsyncStream, rid: str, created: int, include_reasoning: bool, logprobs: bool,

@@ -152,13 +152,13 @@ class WSConnection:
         finally:
             self.closed = True
             self.metrics.ws_connections -= 1
+            await cancel_task(receiver)  # first: it would open more
             for task in list(self._opening):
                 await cancel_task(task)  # a request still being opened is cancelled once open
             for gen in [*self.gens.values(), *self._detached]:
                 if gen.stream is not None:
                     gen.stream.cancel()  # the engine frees their blocks before its next step
                 self._forget(gen)
-            await cancel_task(receiver)
             await cancel_task(sender)
             if self.ws.application_state == WebSocketState.CONNECTED:
                 try:

@@ -33,6 +33,21 @@ def test_nested_json_is_a_400_in_openai_shape_and_keeps_the_connection(tiny_serv
         assert c.get("/health").status_code == 200
 
 
+def test_oversized_body_is_refused_unread(tiny_server):
+    body = b'{"messages": [{"role": "user", "content": "' + b"a" * (9 << 20) + b'"}]}'
+    r = httpx.post(tiny_server.url + CHAT, content=body, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+
+    def chunks():  # no Content-Length: counted as it arrives
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(10):
+            yield b"a" * (1 << 20)
+        yield b'"}]}'
+
+    r = httpx.post(tiny_server.url + CHAT, content=chunks(), headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413
+
+
 @pytest.mark.parametrize("field, value", [
     ("tool_choice", "required"),
     ("response_format", {"type": "json_object"}),

@@ -87,6 +87,15 @@ async def test_frame_over_the_limit_gets_an_error_frame(tiny_server):
         assert (await until_end(ws, "next"))[-1]["type"] == "done"
 
 
+async def test_frame_over_the_transport_limit_closes_with_1009(tiny_server):
+    """What the README says: past the transport's 16 MiB the frame is never read; the close says why."""
+    async with connect(tiny_server.ws, max_size=None) as ws:
+        await ws.send("x" * (17 << 20))
+        with pytest.raises(websockets.exceptions.ConnectionClosed) as e:
+            await recv(ws)
+    assert e.value.rcvd is not None and e.value.rcvd.code == 1009
+
+
 async def test_cancel_then_generate_is_never_overloaded(limited_server):
     """One engine slot, no queue: each cancel must free it before the very next frame."""
     assert await await_until(lambda: engine_idle(limited_server.backend))
