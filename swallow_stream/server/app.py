@@ -45,5 +45,6 @@ def build_app(backend: Backend, settings: Settings | None = None, *, ui: bool = 
         app = gr.mount_gradio_app(app, demo, path="/", ssr_mode=False, css=CSS, footer_links=["api"],
                                   server_name=settings.host, server_port=settings.port, max_file_size=1, **auth)
         gradio_app = app.routes[-1].app  # the Mount just added at "/"
-        app.add_middleware(GradioGuard, api_key=settings.api_key, gradio_tokens=lambda: gradio_app.tokens)
+        app.add_middleware(GradioGuard, api_key=settings.api_key, gradio_tokens=lambda: gradio_app.tokens,
+                           max_body_bytes=settings.http_max_body_bytes)
     return app

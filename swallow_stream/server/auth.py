@@ -59,18 +59,25 @@ class GradioGuard:
     key set, every `/gradio_api/*` request needs a session that logged in with the key (Gradio's
     cookie) or the key as a Bearer token. Uploads are refused outright."""
 
-    def __init__(self, app: Any, api_key: str | None, gradio_tokens: Callable[[], Mapping[str, Any]]):
+    def __init__(self, app: Any, api_key: str | None, gradio_tokens: Callable[[], Mapping[str, Any]],
+                 max_body_bytes: int):
         self.app = app
         self.api_key = api_key
         self.gradio_tokens = gradio_tokens
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             path = scope.get("path", "")
             if path.startswith(_CLOSED_PREFIXES):
                 return await _deny(send, 403, "uploads are disabled on this server")
-            if self.api_key and path.startswith(GRADIO_API) and not self._logged_in(scope):
-                return await _deny(send, 401, "log in with the API key first")
+            if path.startswith(GRADIO_API):
+                if self.api_key and not self._logged_in(scope):
+                    return await _deny(send, 401, "log in with the API key first")
+                declared = dict(scope.get("headers", [])).get(b"content-length", b"")
+                if declared.isdigit() and int(declared) > self.max_body_bytes:
+                    return await _deny(send, 413, f"request body exceeds {self.max_body_bytes} bytes")
+                receive = _capped(receive, self.max_body_bytes)
         await self.app(scope, receive, send)
 
     def _logged_in(self, scope: dict) -> bool:
@@ -83,6 +90,23 @@ class GradioGuard:
             if name.startswith("access-token-") and value and value in tokens:
                 return True
         return False
+
+
+def _capped(receive: Any, limit: int) -> Any:
+    """`receive` that ends the request as a disconnect once its body passes `limit` bytes (a
+    body sent without Content-Length)."""
+    seen = 0
+
+    async def wrapped() -> dict:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                return {"type": "http.disconnect"}
+        return message
+
+    return wrapped
 
 
 async def _deny(send: Any, status: int, message: str) -> None:

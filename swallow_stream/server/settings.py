@@ -22,7 +22,7 @@ class Settings:
     # Origins (scheme://host[:port]) besides this server's own and loopback pages whose web
     # pages may open /ws; "*" allows any.
     ws_allowed_origins: tuple[str, ...] = ()
-    # /v1 request bodies: a bigger one is refused (413) unread. Room for the longest prompt the
+    # /v1 and Gradio API request bodies: a bigger one is refused (413) unread. Room for the longest prompt the
     # context admits (8 characters a token, up to 6 bytes each as JSON escapes) at 32k tokens.
     http_max_body_bytes: int = 8 << 20
     # Gradio: how many chats run at once (Gradio's own default of 1 would serialize users);

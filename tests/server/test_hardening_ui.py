@@ -4,6 +4,8 @@ bounded, each UI session is its own prefix-cache tenant, and a short context sti
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from gradio_client import Client
@@ -47,6 +49,13 @@ def test_uploads_are_closed_with_or_without_a_key(keyed_ui, tiny_server):
     for srv in (keyed_ui, tiny_server):
         r = httpx.post(srv.url + "/gradio_api/upload", files=files, timeout=30)
         assert r.status_code == 403
+
+
+def test_oversized_gradio_bodies_are_refused(tiny_server):
+    data = {"data": list(chat_args("a" * (9 << 20), max_tokens=16))}
+    r = httpx.post(tiny_server.url + "/gradio_api/call/chat", content=json.dumps(data).encode(),
+                   headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413
 
 
 def test_gradio_client_needs_the_key(keyed_ui):
