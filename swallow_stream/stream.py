@@ -107,14 +107,18 @@ class QueueChannel:
         self._notify = notify
         self._event = asyncio.Event() if loop is not None else None
         self.pump: Callable[[], None] | None = None
+        # called (once, from the producer's thread) when a put finds the consumer's loop closed
+        self.on_orphaned: Callable[[], None] | None = None
 
     def put(self, item) -> None:
         self._q.put(item)
         if self._loop is not None:
             try:
                 self._loop.call_soon_threadsafe(self._on_put)
-            except RuntimeError:  # loop closed: nobody is listening any more
-                pass
+            except RuntimeError:  # loop closed: nobody is listening any more, so stop producing
+                orphaned, self.on_orphaned = self.on_orphaned, None
+                if orphaned is not None:
+                    orphaned()
 
     def _on_put(self) -> None:
         if self._notify is not None:
@@ -172,6 +176,7 @@ class ChannelSource:
         self.channel = channel
         self.model = model
         self.prompt_token_ids = prompt_token_ids if prompt_token_ids is not None else []
+        channel.on_orphaned = self.cancel
 
     def _convert(self, items: list) -> list[TokenEvent | Finished]:
         return items
@@ -187,7 +192,8 @@ class ChannelSource:
 
 
 class _StopMatcher:
-    """Stop strings over the visible text of each channel, holding back a possible partial match."""
+    """Stop strings over the answer's text (every channel but the reasoning, as vLLM matches stop
+    strings after its reasoning parser), holding back a possible partial match."""
 
     def __init__(self, stops: tuple[str, ...]):
         self.stops = stops
@@ -199,6 +205,8 @@ class _StopMatcher:
         flushed = ""
         if channel != self.channel:
             flushed, self.pending, self.channel = self.pending, "", channel
+        if channel == "analysis":
+            return flushed, text, False
         buf = self.pending + text
         cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:

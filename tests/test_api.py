@@ -186,3 +186,37 @@ def test_preamble_commentary_is_answer_text_and_reasoning_is_not():
     s = Stream(Fixed(channel, "m")).collect()
     assert s.reasoning == "think " and s.answer == "Let me check. Done."
     assert s.token_ids == [1, 2, 3, 4] and s.usage.reasoning_tokens == 1
+
+
+def test_astream_whose_loop_closed_is_cancelled(tiny_engine):
+    loop = asyncio.new_event_loop()
+    s = loop.run_until_complete(_first_event(tiny_engine))
+    loop.close()  # nobody will ever read the rest: the engine must stop generating it
+    wait_idle(tiny_engine)
+    assert s.finish_reason is None  # never read again; the request was cancelled underneath
+
+
+async def _first_event(engine):
+    s = astream("Tell me a long story", model=engine, temperature=0.7, max_tokens=2000)
+    await s.__anext__()
+    return s
+
+
+def test_stop_strings_ignore_the_reasoning(make_engine, tiny_path):
+    engine = make_engine(tiny_path)
+    tok = get_tokenizer()
+    completion = ([200005] + tok.encode("analysis") + [200008] + tok.encode("thinking STOP more") + [200007, 200006]
+                  + tok.encode("assistant") + [200005] + tok.encode("final") + [200008]
+                  + tok.encode("one STOP two"))
+    script_tokens(engine, completion)
+    s = stream("count", model=engine, temperature=0, stop=["STOP"], max_tokens=100).collect()
+    assert s.reasoning == "thinking STOP more"
+    assert s.answer == "one " and s.finish_reason == "stop"
+    wait_idle(engine)
+
+
+@pytest.mark.parametrize("seed", [2**64, -1])
+def test_seed_is_64_bit(tiny_engine, seed):
+    with pytest.raises(InvalidRequestError, match="seed"):
+        stream("hi", model=tiny_engine, seed=seed)
+    assert stream("hi", model=tiny_engine, seed=2**64 - 1, max_tokens=2).collect().finish_reason == "length"

@@ -13,12 +13,13 @@ class LocalSource(ChannelSource):
     consumer turns them into events (harmony parsing stays off the engine thread)."""
 
     def __init__(self, engine: LLMEngine, prompt_token_ids: list[int], request: GenerateRequest, channel: QueueChannel):
+        self._seq = None
         super().__init__(channel, engine.name, prompt_token_ids)
         if engine.inline:
             channel.pump = engine.pump
         self._engine = engine
         self._parser = HarmonyStreamParser(get_tokenizer())
-        self._seq = engine.submit(prompt_token_ids, request.params, channel.put, request.id)
+        self._seq = engine.submit(prompt_token_ids, request.params, channel.put, request.id, request.cache_salt)
 
     def _convert(self, outs: list[SequenceOutput]) -> list[TokenEvent | Finished]:
         items: list[TokenEvent | Finished] = []
@@ -42,7 +43,8 @@ class LocalSource(ChannelSource):
         return items
 
     def cancel(self) -> None:
-        self._engine.cancel(self._seq)
+        if self._seq is not None:
+            self._engine.cancel(self._seq)
 
 
 class LocalBackend:

@@ -6,7 +6,8 @@ to the pool as the sequence grows: those layers stop growing after `window` toke
 
 Prefix caching: a full block is named by a chained hash of all tokens up to its end. Freed
 blocks keep their name until reused (least recently freed first), so a later request with the
-same prefix (system prompt, chat history) shares them instead of recomputing.
+same prefix (system prompt, chat history) shares them instead of recomputing. A request's cache
+salt starts its chain, so requests with different salts never share a block.
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ from dataclasses import dataclass, field
 from .sequence import Sequence
 
 FULL, SLIDING = 0, 1
+
+
+def _root_hash(seq: Sequence) -> int:
+    """Where a sequence's chain of block hashes starts: its cache salt (one per tenant), so no
+    block is ever shared, and no cache hit measured, across tenants. No salt: one shared cache."""
+    return 0 if seq.cache_salt is None else hash(("cache_salt", seq.cache_salt))
 
 
 class BlockPool:
@@ -112,6 +119,10 @@ class KVCacheManager:
         """Could a sequence of num_tokens tokens ever be scheduled with the whole cache to itself?"""
         return -(-num_tokens // self.block_size) <= self.pools[FULL].num_blocks
 
+    def max_tokens_alone(self) -> int:
+        """The most tokens one sequence can hold with the whole cache to itself."""
+        return self.pools[FULL].num_blocks * self.block_size
+
     # -- allocation ------------------------------------------------------------------------------
     def allocate(self, seq: Sequence, num_new: int) -> None:
         """Give seq the blocks for its next num_new tokens; drop sliding blocks behind the window."""
@@ -145,7 +156,7 @@ class KVCacheManager:
             return m
         bs = self.block_size
         max_blocks = (len(seq.token_ids) - 1) // bs
-        h = 0
+        h = _root_hash(seq)
         full_blocks: list[int] = []
         hashes: list[int] = []
         for i in range(max_blocks):
@@ -202,7 +213,7 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        h = seq.block_hashes[-1] if seq.block_hashes else 0
+        h = seq.block_hashes[-1] if seq.block_hashes else _root_hash(seq)
         for i in range(len(seq.block_hashes), seq.num_computed // bs):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             h = hash((h, tokens))

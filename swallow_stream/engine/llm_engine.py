@@ -171,8 +171,11 @@ class LLMEngine:
         params: SamplingParams,
         emit: Callable[[SequenceOutput], None],
         request_id: str | None = None,
+        cache_salt: str | None = None,
     ) -> Sequence:
-        """Queue a request. Raises at once for a too-long prompt or a full queue."""
+        """Queue a request. Raises at once for a too-long prompt, one whose worst case (prompt plus
+        max_tokens; unset: what the cache can hold) could never fit the KV cache, or a full queue.
+        cache_salt: requests share cached prefix blocks only with requests of the same salt."""
         if self._stopped:
             raise SwallowError("engine is shut down")
         n = len(prompt_token_ids)
@@ -191,6 +194,15 @@ class LLMEngine:
             )
         if not self.kv.fits_alone(n + 1):
             raise ContextLengthExceededError(f"prompt has {n} tokens, more than the KV cache can hold")
+        # Admitted only when the longest it may grow fits the cache alone: otherwise it would fail
+        # mid-generation. With max_tokens unset, generation stops where the cache is full.
+        kv_room = self.kv.max_tokens_alone() - n
+        if params.max_tokens is not None and params.max_tokens > kv_room:
+            raise ContextLengthExceededError(
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds what the KV cache can hold "
+                f"({self.kv.max_tokens_alone()} tokens)"
+            )
+        room = min(room, kv_room)
         bad = [t for t in prompt_token_ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})")
@@ -201,7 +213,7 @@ class LLMEngine:
                 )
             self._num_unfinished += 1
         params = _with_stops(params, self.stop_token_ids, room)
-        seq = Sequence(prompt_token_ids, params, emit, request_id)
+        seq = Sequence(prompt_token_ids, params, emit, request_id, cache_salt)
         self._inbox.put(("add", seq))
         self._wake.set()
         return seq

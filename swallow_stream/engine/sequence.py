@@ -32,12 +32,14 @@ class Sequence:
         params: SamplingParams,
         emit: Callable[["SequenceOutput"], None],
         request_id: str | None = None,
+        cache_salt: str | None = None,
     ):
         self.seq_id = next(_ids)
         self.request_id = request_id or f"req-{self.seq_id}"
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
+        self.cache_salt = cache_salt  # prefix-cache tenant: blocks are shared only within one salt
         self.emit = emit
         self.status = SequenceStatus.WAITING
         self.num_computed = 0

@@ -180,25 +180,74 @@ def render_messages(
     sys_content = (SystemContent.new().with_reasoning_effort(ReasoningEffort(effort.capitalize()))
                    .with_conversation_start_date(conversation_date(date)))
     conv: list[Any] = [Message.from_role_and_content(Role.SYSTEM, sys_content)]
+    # The text of each message after the system one, in order. openai_harmony renders the
+    # skeleton with every text empty and our tokenizer encodes the texts: harmony's own BPE is
+    # quadratic on long runs of one character and holds the GIL while it works, so a hostile
+    # prompt rendered by it would freeze every thread (an event loop included) for seconds.
+    bodies: list[str] = []
+
+    def add(role: Any, text: str, channel: str | None = None) -> None:
+        msg = Message.from_role_and_content(role, "")
+        conv.append(msg.with_channel(channel) if channel else msg)
+        bodies.append(text)
+
+    def developer(instructions: str) -> None:
+        conv.append(Message.from_role_and_content(Role.DEVELOPER, DeveloperContent.new().with_instructions("")))
+        bodies.append(DEVELOPER_HEADING + instructions)
+
     if msgs and msgs[0]["role"] in ("system", "developer"):
         if msgs[0]["content"]:
-            conv.append(developer(msgs[0]["content"]))
+            developer(msgs[0]["content"])
         msgs = msgs[1:]
     for m in msgs:
         if m["role"] in ("system", "developer"):
-            conv.append(developer(m["content"]))
+            developer(m["content"])
         elif m["role"] == "user":
-            conv.append(Message.from_role_and_content(Role.USER, m["content"]))
+            add(Role.USER, m["content"])
         else:
             if m.get("reasoning"):
-                conv.append(Message.from_role_and_content(Role.ASSISTANT, m["reasoning"]).with_channel("analysis"))
+                add(Role.ASSISTANT, m["reasoning"], "analysis")
             if m["content"]:
-                conv.append(Message.from_role_and_content(Role.ASSISTANT, m["content"]).with_channel("final"))
+                add(Role.ASSISTANT, m["content"], "final")
     # Harmony's own auto_drop_analysis (0.0.8) only drops analysis before the *first* final
     # message; with several earlier turns their reasoning would leak into the prompt.
     finals = [i for i, msg in enumerate(conv) if msg.channel == "final"]
     if finals:
-        conv = [msg for i, msg in enumerate(conv) if not (msg.channel == "analysis" and i < finals[-1])]
-    return get_encoding().render_conversation_for_completion(
+        keep = [i for i, msg in enumerate(conv) if not (msg.channel == "analysis" and i < finals[-1])]
+        conv, bodies = [conv[i] for i in keep], [bodies[i - 1] for i in keep if i > 0]
+    skeleton = get_encoding().render_conversation_for_completion(
         Conversation.from_messages(conv), Role.ASSISTANT, config=RenderConversationConfig(auto_drop_analysis=False)
     )
+    return _fill(skeleton, bodies)
+
+
+# How harmony opens a developer message's text (checked against harmony by the tests).
+DEVELOPER_HEADING = "# Instructions\n\n"
+
+
+def _fill(skeleton: list[int], bodies: list[str]) -> list[int]:
+    """The skeleton with message k+1's text (between its <|message|> and <|end|>) replaced by
+    the encoding of bodies[k]; the system message (k = 0) is kept as harmony wrote it."""
+    from .tokenizer import get_tokenizer
+    from .tokens import TOKEN_END, TOKEN_MESSAGE
+
+    tok = get_tokenizer()
+    out: list[int] = []
+    k = -1
+    i, n = 0, len(skeleton)
+    while i < n:
+        t = skeleton[i]
+        out.append(t)
+        i += 1
+        if t != TOKEN_MESSAGE:
+            continue
+        if k >= 0:
+            if k >= len(bodies):
+                raise AssertionError("harmony rendered more messages than were given")
+            out.extend(tok.encode(bodies[k]))
+            while i < n and skeleton[i] != TOKEN_END:
+                i += 1
+        k += 1
+    if k != len(bodies):
+        raise AssertionError(f"harmony rendered {k} messages after the system one; expected {len(bodies)}")
+    return out

@@ -26,7 +26,52 @@ O200K_PAT_STR = "|".join(
     ]
 )
 
+# Text longer than this is encoded in chunks cut where a pretoken boundary is certain, so one
+# hostile input (a megabyte with no line break) costs no more than its chunks, and the ids are
+# the same as unsplit encoding for any text with line breaks or spaces between words.
+CHUNK_CHARS = 4096
+# A run this long with no safe boundary (no "\n" or " " between words) is hard-cut: its ids may
+# then differ from unsplit encoding at the cut, which only such runs (never prose or code) meet.
+MAX_RUN_CHARS = 4 * CHUNK_CHARS
+
 _lock = threading.Lock()
+
+
+def _safe_cut(text: str, lo: int, hi: int) -> int:
+    """The last i in (lo, hi] where every o200k pretoken ends before i and another starts at i:
+    after a line break followed by neither whitespace nor '/' (the punctuation pretoken absorbs
+    trailing "\n" and "/"), or at a single space between two non-space characters (it starts
+    the next word's pretoken). -1 when there is none."""
+    i = text.rfind("\n", lo, hi - 1)
+    while i >= lo:
+        nxt = text[i + 1]
+        if not nxt.isspace() and nxt != "/":
+            return i + 1
+        i = text.rfind("\n", lo, i)
+    i = text.rfind(" ", lo + 1, hi)
+    while i > lo:
+        if i + 1 < len(text) and not text[i - 1].isspace() and not text[i + 1].isspace():
+            return i
+        i = text.rfind(" ", lo + 1, i)
+    return -1
+
+
+def split_for_encoding(text: str, chunk: int = CHUNK_CHARS, max_run: int = MAX_RUN_CHARS) -> list[str]:
+    """text cut into pieces of at most ~chunk characters (max_run for a run without a boundary)
+    whose encodings, concatenated, equal the encoding of the whole (see `_safe_cut`)."""
+    if len(text) <= chunk:
+        return [text]
+    pieces, start, n = [], 0, len(text)
+    while n - start > chunk:
+        cut = _safe_cut(text, start, start + chunk)
+        if cut <= start:
+            cut = _safe_cut(text, start, start + max_run)
+        if cut <= start:
+            cut = start + max_run
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
 _tokenizer: "Tokenizer | None" = None
 
 
@@ -78,8 +123,11 @@ class Tokenizer:
         )
 
     def encode(self, text: str) -> list[int]:
-        """Ordinary text -> ids; special-token lookalikes such as "<|end|>" stay plain text."""
-        return self._enc.encode_ordinary(text)
+        """Ordinary text -> ids; special-token lookalikes such as "<|end|>" stay plain text.
+        Linear in len(text) (see `split_for_encoding`)."""
+        if len(text) <= CHUNK_CHARS:
+            return self._enc.encode_ordinary(text)
+        return [t for piece in split_for_encoding(text) for t in self._enc.encode_ordinary(piece)]
 
     def decode(self, ids: Sequence[int]) -> str:
         """ids -> text; specials as their names, invalid UTF-8 as U+FFFD, unknown ids dropped."""

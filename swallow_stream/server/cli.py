@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=_env_int("SWALLOW_PORT", "PORT", "GRADIO_SERVER_PORT") or 7860,
                    help="port (default 7860) [SWALLOW_PORT, PORT, GRADIO_SERVER_PORT]")
     p.add_argument("--api-key", default=_env("SWALLOW_API_KEY"),
-                   help="require this key on /ws and /v1/* (Authorization: Bearer; /ws also ?api_key=) [SWALLOW_API_KEY]")
+                   help="require this key on /ws, /v1/*, /metrics, /health details (Authorization: Bearer; /ws also "
+                        "?api_key=) and the UI (a login with the key as password) [SWALLOW_API_KEY]")
     p.add_argument("--backend", choices=["local", "openai"], default=_env("SWALLOW_BACKEND") or "local",
                    help="local engine, or a remote OpenAI-compatible server [SWALLOW_BACKEND]")
     p.add_argument("--base-url", default=_env("SWALLOW_BASE_URL"),
@@ -91,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="concurrent generations per WebSocket connection (default 8) [SWALLOW_WS_MAX_GENERATIONS]")
     s.add_argument("--ws-max-frame-bytes", type=parse_size, default=_env("SWALLOW_WS_MAX_FRAME_BYTES") or "1MiB",
                    help="largest client frame accepted (default 1MiB) [SWALLOW_WS_MAX_FRAME_BYTES]")
+    s.add_argument("--ws-allowed-origin", action="append", default=None,
+                   help="an origin (scheme://host[:port]) whose web pages may open /ws besides this server's own "
+                        "and loopback pages; repeatable, '*' for any [SWALLOW_WS_ALLOWED_ORIGINS, comma-separated]")
     s.add_argument("--ui-concurrency", type=int, default=_env_int("SWALLOW_UI_CONCURRENCY"),
                    help="chats the UI runs at once (default: --max-num-seqs) [SWALLOW_UI_CONCURRENCY]")
     p.add_argument("--log-level", default=_env("SWALLOW_LOG_LEVEL") or "info", help="[SWALLOW_LOG_LEVEL]")
@@ -105,6 +109,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.gpu_memory_utilization = float(_env("SWALLOW_GPU_MEMORY_UTILIZATION"))
     if isinstance(args.ws_max_frame_bytes, str):
         args.ws_max_frame_bytes = parse_size(args.ws_max_frame_bytes)
+    if args.ws_allowed_origin is None:
+        env = _env("SWALLOW_WS_ALLOWED_ORIGINS")
+        args.ws_allowed_origin = [o.strip() for o in env.split(",") if o.strip()] if env else []
     if args.served_model_name is None:
         env = _env("SWALLOW_SERVED_MODEL_NAME")
         args.served_model_name = [n.strip() for n in env.split(",") if n.strip()] if env else []
@@ -166,7 +173,9 @@ def make_settings(args: argparse.Namespace, backend: Any, model_source: str) -> 
         model_source=model_source,
         ws_max_frame_bytes=args.ws_max_frame_bytes,
         ws_max_generations=args.ws_max_generations,
+        ws_allowed_origins=tuple(args.ws_allowed_origin),
         ui_concurrency=args.ui_concurrency,
+        ui_max_queue=args.max_queued_requests,
         gpu_decorator=gpu_decorator(),
     )
 

@@ -6,11 +6,12 @@ import time
 from collections import Counter
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from ..backends.base import Backend
 from ..stream import Usage
+from .auth import bearer_token, key_matches
 
 
 class Metrics:
@@ -41,7 +42,8 @@ def backend_stats(backend: Backend) -> dict:
     try:
         return dict(backend.stats())
     except Exception as e:  # a broken backend shows as not ready, never as a 500 here
-        return {"error": f"{type(e).__name__}: {e}"}
+        # the type only: a message may name an upstream URL or a path
+        return {"error": type(e).__name__}
 
 
 def _esc(v: str) -> str:
@@ -88,10 +90,17 @@ def prometheus_text(backend: Backend, metrics: Metrics) -> str:
 def make_router(backend: Backend, settings: Any, metrics: Metrics) -> APIRouter:
     router = APIRouter()
 
+    def authorized(request: Request) -> bool:
+        return key_matches(settings.api_key, bearer_token(request.headers))
+
     @router.get("/health")
-    async def health() -> JSONResponse:
+    async def health(request: Request) -> JSONResponse:
         engine = backend_stats(backend)
         ready = "error" not in engine
+        if not authorized(request):
+            # Liveness for anyone (load balancers, Spaces); what runs where only with the key.
+            return JSONResponse({"status": "ok" if ready else "degraded", "ready": ready},
+                                status_code=200 if ready else 503)
         body = {
             "status": "ok" if ready else "degraded",
             "ready": ready,
@@ -106,7 +115,10 @@ def make_router(backend: Backend, settings: Any, metrics: Metrics) -> APIRouter:
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @router.get("/metrics")
-    async def prometheus() -> PlainTextResponse:
+    async def prometheus(request: Request) -> PlainTextResponse:
+        if not authorized(request):
+            return PlainTextResponse("missing or wrong API key\n", status_code=401,
+                                     headers={"WWW-Authenticate": "Bearer"})
         return PlainTextResponse(prometheus_text(backend, metrics), media_type="text/plain; version=0.0.4")
 
     return router

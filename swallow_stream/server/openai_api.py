@@ -13,16 +13,17 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..backends.base import Backend
 from ..errors import wire
+from ..harmony.tokens import TOKEN_CALL, TOKEN_CHANNEL, TOKEN_END, TOKEN_MESSAGE, TOKEN_RETURN, TOKEN_START
 from ..stream import AsyncStream, TokenEvent, channel_runs
 from .auth import bearer_token, key_matches
-from .doors import error_fields, model_aliases, open_request
+from .doors import error_fields, key_tenant, model_aliases, open_request
 from .health import Metrics
 from .settings import Settings
 
@@ -69,6 +70,7 @@ def _stream_kwargs(body: dict) -> dict:
         raise APIError("invalid_request", "only n=1 is supported", "n")
     if body.get("tools") or body.get("functions"):
         raise APIError("invalid_request", "tool calling is not supported by this server", "tools")
+    _check_unsupported(body)
     max_tokens = body.get("max_completion_tokens")
     if max_tokens is None:
         max_tokens = body.get("max_tokens")
@@ -90,7 +92,47 @@ def _stream_kwargs(body: dict) -> dict:
         reasoning_effort=effort if effort is not None else "medium",
         logprobs=logprobs,
         top_logprobs=top_logprobs,
+        cache_salt=body.get("cache_salt"),
     )
+
+
+# Fields accepted only at their no-op values: anything else would be silently ignored, so it is
+# refused (400) instead of returning something the client did not ask for.
+_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "tool_choice": lambda v: v in (None, "none", "auto"),
+    "response_format": lambda v: v is None or v == {"type": "text"},
+    "frequency_penalty": lambda v: v in (None, 0),
+    "presence_penalty": lambda v: v in (None, 0),
+    "repetition_penalty": lambda v: v in (None, 1),
+    "logit_bias": lambda v: not v,
+    "parallel_tool_calls": lambda v: v in (None, False, True),
+}
+
+
+def _check_unsupported(body: dict) -> None:
+    for key, noop in _UNSUPPORTED.items():
+        if key in body and not noop(body[key]):
+            raise APIError("invalid_request", f"'{key}' is not supported by this server (got {body[key]!r})", key)
+
+
+class ContentTokens:
+    """Which generated tokens belong to a message's content (the only ones `logprobs.content`
+    lists): generation starts inside the assistant header, `<|message|>` opens the content,
+    `<|start|>` / `<|channel|>` open a header (role, channel name) again."""
+
+    def __init__(self) -> None:
+        self.in_header = True
+
+    def __call__(self, ev: TokenEvent) -> bool:
+        if ev.special:
+            if ev.token_id == TOKEN_MESSAGE:
+                self.in_header = False
+            elif ev.token_id in (TOKEN_START, TOKEN_CHANNEL):
+                self.in_header = True
+            elif ev.token_id in (TOKEN_END, TOKEN_RETURN, TOKEN_CALL):
+                self.in_header = False
+            return False
+        return not self.in_header and ev.token_id is not None
 
 
 def _logprob_entries(events: list[TokenEvent], tokenizer: Any) -> list[dict]:
@@ -132,6 +174,7 @@ def _finish_reason(s: AsyncStream) -> str:
 def make_router(backend: Backend, settings: Settings, metrics: Metrics) -> APIRouter:
     router = APIRouter(prefix="/v1")
     aliases = model_aliases(backend.name, backend.is_tiny, settings.served_model_names)
+    tenant = key_tenant(settings.api_key)
     tokenizer_box: list[Any] = []
 
     def tokenizer() -> Any:
@@ -184,9 +227,10 @@ def make_router(backend: Backend, settings: Settings, metrics: Metrics) -> APIRo
     async def chat_completions(request: Request):
         try:
             check_auth(request)
+            raw = await _read_body(request, settings.http_max_body_bytes)
             try:
-                body = await request.json()
-            except ValueError:
+                body = json.loads(raw)
+            except (ValueError, RecursionError):  # RecursionError: nested too deeply
                 raise APIError("invalid_request", "request body is not valid JSON")
             if not isinstance(body, dict):
                 raise APIError("invalid_request", "request body must be a JSON object")
@@ -203,7 +247,7 @@ def make_router(backend: Backend, settings: Settings, metrics: Metrics) -> APIRo
             opts = body.get("stream_options") or {}
             include_usage = bool(opts.get("include_usage")) if isinstance(opts, dict) else False
             try:
-                s = open_request(backend, body["messages"], kwargs)
+                s = await open_request(backend, body["messages"], kwargs, tenant=tenant)
             except Exception as e:
                 raise APIError.of(e)
         except APIError as e:
@@ -221,11 +265,27 @@ def make_router(backend: Backend, settings: Settings, metrics: Metrics) -> APIRo
     return router
 
 
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) past `limit` bytes before more of it is read or parsed."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise APIError("invalid_request", f"request body of {declared} bytes exceeds the limit of {limit} bytes",
+                       status=413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError("invalid_request", f"request body exceeds the limit of {limit} bytes", status=413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _complete(s: AsyncStream, rid: str, created: int, include_reasoning: bool, logprobs: bool,
                     tokenizer: Any, metrics: Metrics, request: Request) -> JSONResponse:
     content: list[str] = []
     reasoning: list[str] = []
     lp_events: list[TokenEvent] = []
+    is_content = ContentTokens()
 
     async def cancel_on_disconnect() -> None:  # a client that gives up frees the engine at once
         while not s.done:
@@ -239,7 +299,7 @@ async def _complete(s: AsyncStream, rid: str, created: int, include_reasoning: b
         async for batch in s.batches():
             for ev in batch:
                 (reasoning if ev.channel == "analysis" else content).append(ev.text)
-                if logprobs and ev.channel != "analysis":
+                if is_content(ev) and logprobs and ev.channel != "analysis":
                     lp_events.append(ev)
     except Exception as e:
         err = APIError.of(e)
@@ -280,13 +340,15 @@ async def _sse(s: AsyncStream, rid: str, created: int, include_reasoning: bool, 
         return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": s.model,
                 "choices": [choice]}
 
+    is_content = ContentTokens()
     try:
         yield _sse_data(chunk({"role": "assistant", "content": ""}))
         async for batch in s.batches():
             # one chunk per run of what is ready now: a fast engine gets fewer, bigger chunks
             for is_reasoning, run in channel_runs(batch, key=TokenEvent.is_reasoning.fget):
                 text = "".join(e.text for e in run)
-                lp = _logprob_entries(run, tokenizer()) if logprobs and not is_reasoning else None
+                content_run = [e for e in run if is_content(e)]
+                lp = _logprob_entries(content_run, tokenizer()) if logprobs and not is_reasoning else None
                 if is_reasoning and include_reasoning and text:
                     yield _sse_data(chunk({"reasoning": text, "reasoning_content": text}))
                 elif not is_reasoning and (text or lp):

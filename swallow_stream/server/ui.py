@@ -132,7 +132,8 @@ def build_ui(backend: Backend, settings: Settings, metrics: Metrics) -> gr.Block
     sessions = ChatSessions()
     interval = settings.ui_update_interval
     max_len = backend.max_model_len
-    default_max = min(settings.ui_default_max_tokens, max_len)
+    # Half the context at most: the prompt needs room too (a chat asking for the whole context fails)
+    default_max = max(16, min(settings.ui_default_max_tokens, max_len // 2) // 16 * 16)
     if backend.is_tiny:
         default_max = min(default_max, 256)  # its output is noise: no point in minutes of it on a CPU
 
@@ -146,20 +147,22 @@ def build_ui(backend: Backend, settings: Settings, metrics: Metrics) -> gr.Block
         convo = model_messages(hist) + [{"role": "user", "content": text}]
         hist.append({"role": "user", "content": text})
         yield hist, "", "waiting for the first token…"
+        session = getattr(request, "session_hash", None) or "anonymous"
         try:
-            s = open_request(backend, convo, dict(
+            # Each browser session is its own prefix-cache tenant: one user's prompt never
+            # shortens (or shows in the timing of) another's.
+            s = await open_request(backend, convo, dict(
                 system=(system or "").strip() or None,
                 reasoning_effort=effort or "medium",
                 temperature=float(temperature), top_p=float(top_p), top_k=int(top_k), min_p=float(min_p),
                 max_tokens=int(max_tokens) if max_tokens else None,
-            ))
+            ), tenant=f"ui:{session}")
         except SwallowError as e:
             metrics.count_error("ui", e.code)
             hist.append({"role": "assistant", "content": f"⚠️ {e}"})
             yield hist, "", ""
             return
         metrics.count_request("ui")
-        session = getattr(request, "session_hash", None) or "anonymous"
         sessions.add(session, s)
         t0 = time.monotonic()
         reasoning: dict | None = None
@@ -272,5 +275,11 @@ def build_ui(backend: Backend, settings: Settings, metrics: Metrics) -> gr.Block
         ev_click = send.click(respond, inputs, outputs, api_visibility="private", **common)
         stop_btn.click(stop, None, None, cancels=[ev_submit, ev_click], queue=False, api_visibility="private")
         clear.click(lambda: ([], ""), None, [chatbot, stats], queue=False, api_visibility="private")
-    demo.queue(default_concurrency_limit=concurrency)
+    # Bounded like the engine's own queue: beyond it a chat is refused at once ("queue full")
+    # instead of waiting in an unbounded line in front of the engine's admission limits.
+    max_queue = settings.ui_max_queue
+    if max_queue is None:
+        max_queue = getattr(getattr(backend, "engine", None), "engine_config", None)
+        max_queue = max_queue.max_queued_requests if max_queue is not None else 64
+    demo.queue(default_concurrency_limit=concurrency, max_size=max(1, max_queue))
     return demo

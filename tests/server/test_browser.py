@@ -129,3 +129,34 @@ def test_tiny_model_page_shows_the_noise_banner(browser_page, tiny_server):
         tab.screenshot(path=os.path.join(ARTIFACTS, "ui-tiny-model.png"), full_page=True)
     finally:
         tab.close()
+
+
+def test_login_with_the_api_key_then_chat(browser_page):
+    """With --api-key the page is a login; the key as the password opens the chat, and the chat
+    streams (the session's cookie passes every /gradio_api call)."""
+    from swallow_stream.server import Settings, build_app
+
+    page, _ = browser_page
+    b = ScriptedBackend(name="keyed-model", script=script, delay=0.01)
+    with serve(build_app(b, Settings(api_key="browser-key"))) as srv:
+        tab = page.browser_handle.new_page(viewport={"width": 1200, "height": 1100})
+        tab.set_default_timeout(30_000)
+        try:
+            tab.goto(srv.url)
+            tab.wait_for_selector("input[type='password']")
+            assert tab.locator("#prompt textarea").count() == 0
+            tab.fill("input[type='text']", "me")
+            tab.fill("input[type='password']", "wrong")
+            tab.click("button:has-text('Login')")
+            tab.wait_for_selector(":text('Incorrect')")
+            tab.fill("input[type='text']", "me")  # Gradio's form clears both fields after a failure
+            tab.fill("input[type='password']", "browser-key")
+            tab.click("button:has-text('Login')")
+            tab.wait_for_selector("#prompt textarea")
+            assert "keyed-model" in tab.inner_text("#model-info")
+            tab.fill("#prompt textarea", "Create a casual one-day Tokyo itinerary in Japanese.")
+            tab.press("#prompt textarea", "Enter")
+            tab.wait_for_selector("#chatbot :text('渋谷スカイ')")
+            tab.screenshot(path=os.path.join(ARTIFACTS, "ui-after-login.png"), full_page=True)
+        finally:
+            tab.close()
