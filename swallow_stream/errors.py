@@ -77,6 +77,12 @@ class UpstreamError(SwallowError):
     http_status = 502
 
 
+class UnavailableError(SwallowError):
+    """This server cannot do that here (a door closed by the hosting, not by the request)."""
+
+    http_status = 503
+
+
 class ConfigError(SwallowError, ValueError):
     """A config.json / generation_config.json the engine cannot run."""
 

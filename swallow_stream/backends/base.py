@@ -22,6 +22,7 @@ class Backend(Protocol):
     generation: GenerationDefaults  # defaults for unset sampling values
     max_model_len: int  # prompt + completion tokens
     max_num_seqs: int  # sequences generated at once (the front doors size their own limits by it)
+    max_queued_requests: int  # requests waiting beyond those before "overloaded"
     is_tiny: bool  # the random-weight demo model: every front door says its output is noise
 
     @property

@@ -56,6 +56,7 @@ class LocalBackend:
         self.generation = engine.generation
         self.max_model_len = engine.max_model_len
         self.max_num_seqs = engine.engine_config.max_num_seqs
+        self.max_queued_requests = engine.engine_config.max_queued_requests
         self.is_tiny = is_tiny
 
     @property

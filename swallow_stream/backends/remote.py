@@ -185,6 +185,7 @@ class RemoteBackend:
         self.generation = generation or SWALLOW_GENERATION_DEFAULTS
         self.is_tiny = False
         self.max_num_seqs = REMOTE_MAX_NUM_SEQS
+        self.max_queued_requests = REMOTE_MAX_NUM_SEQS
         self._closed = False
         self._client = httpx.Client(
             timeout=httpx.Timeout(timeout, connect=connect_timeout),

@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=_env("SWALLOW_DEVICE"), help="cuda / cpu (default: cuda when present) [SWALLOW_DEVICE]")
     g.add_argument("--dtype", default=_env("SWALLOW_DTYPE"),
                    help="bfloat16 / float16 / float32 (default: bf16 on CUDA and on CPUs with native bf16) [SWALLOW_DTYPE]")
-    g.add_argument("--ops", choices=["auto", "triton", "torch"], default=_env("SWALLOW_OPS") or "auto",
-                   help="kernels: Triton where it runs (auto), or the plain-torch ops [SWALLOW_OPS]")
+    g.add_argument("--ops", choices=["auto", "triton", "torch"], default=_env("SWALLOW_OPS"),
+                   help="kernels: Triton where it runs (auto, the default), or the plain-torch ops [SWALLOW_OPS]")
     g.add_argument("--keep-dense-experts", action="store_true", default=_env("SWALLOW_KEEP_DENSE_EXPERTS") is not None,
                    help="keep bf16 experts dense instead of quantizing them to MXFP4 at load [SWALLOW_KEEP_DENSE_EXPERTS]")
     g.add_argument("--gpu-memory-utilization", type=float, default=None,
@@ -133,9 +133,14 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "quantize_dense_experts": False if args.keep_dense_experts else None,
     }
     if zero_gpu():
-        # the GPU exists only inside spaces.GPU calls: no engine thread, no CUDA graphs
-        opts.update(inline=True, cuda_graphs=False)
+        # The GPU exists only inside spaces.GPU calls: the engine steps there (inline), without
+        # CUDA graphs, and its KV budget is given since no device memory can be measured at startup.
+        opts.update(inline=True, cuda_graphs=False, device=args.device or "cuda",
+                    kv_cache_memory=args.kv_cache_memory or ZERO_GPU_KV_CACHE_MEMORY)
     return {k: v for k, v in opts.items() if v is not None}
+
+
+ZERO_GPU_KV_CACHE_MEMORY = 4 << 30
 
 
 def zero_gpu() -> bool:
@@ -151,16 +156,28 @@ def gpu_decorator() -> Any:
     return spaces.GPU(duration=int(_env("SWALLOW_ZERO_GPU_DURATION") or 120))
 
 
+def zero_gpu_startup() -> None:
+    """ZeroGPU moves the tensors placed on CUDA at startup into its GPU workers and registers the
+    GPU functions from a hook on Gradio's `Blocks.launch`; this server mounts Gradio into its own
+    app and never calls launch(), so it runs that startup itself, once the app is built."""
+    import spaces.zero
+
+    startup = getattr(spaces.zero, "startup", None)  # defined only when SPACES_ZERO_GPU is set
+    if startup is not None:
+        startup()
+
+
 def load_backend(args: argparse.Namespace) -> tuple[Any, str]:
     """-> (backend, model_source) where model_source is "flag" or "auto"."""
     from ..api import load
-    from ..catalog import auto_model
+    from ..catalog import MODEL_20B, auto_model
 
     if args.backend == "openai":
         b = load(args.model, backend="openai", base_url=args.base_url, api_key=args.remote_api_key)
         return b, "flag" if args.model else "remote"
     source = "flag" if args.model else "auto"
-    name = args.model or auto_model()
+    # ZeroGPU's emulated device reports no memory to plan by: its default is the 20B model
+    name = args.model or (MODEL_20B if zero_gpu() else auto_model())
     return load(name, **engine_options(args)), source
 
 
@@ -235,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if backend.is_tiny:
         log.warning("the tiny model has random weights: its output is noise")
     app = build_app(backend, settings)
+    if zero_gpu():
+        zero_gpu_startup()
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level.lower(),
                 ws_max_size=max(settings.ws_max_frame_bytes * 4, 16 << 20), timeout_graceful_shutdown=5)
 

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..backends.base import Backend
-from ..errors import wire
+from ..errors import UnavailableError, wire
 from ..harmony.tokens import TOKEN_CALL, TOKEN_CHANNEL, TOKEN_END, TOKEN_MESSAGE, TOKEN_RETURN, TOKEN_START
 from ..stream import AsyncStream, TokenEvent, channel_runs
 from .auth import bearer_token, key_matches
@@ -227,6 +227,9 @@ def make_router(backend: Backend, settings: Settings, metrics: Metrics) -> APIRo
     async def chat_completions(request: Request):
         try:
             check_auth(request)
+            refused = settings.generation_refused()
+            if refused:
+                raise APIError.of(UnavailableError(refused))
             raw = await _read_body(request, settings.http_max_body_bytes)
             try:
                 body = json.loads(raw)

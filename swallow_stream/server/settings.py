@@ -34,6 +34,14 @@ class Settings:
     # engine's own queue limit)
     ui_max_queue: int | None = None
     # Wraps the chat handler where the GPU exists only inside decorated calls (ZeroGPU's spaces.GPU).
+    # The engine then steps only inside the UI's calls, so /ws and /v1 cannot generate.
     gpu_decorator: Any = None
     title: str = "GPT-OSS-Swallow"
+
+    def generation_refused(self) -> str | None:
+        """Why /ws and /v1 cannot generate on this server, or None when they can."""
+        if self.gpu_decorator is None:
+            return None
+        return ("this server runs on ZeroGPU, where the GPU exists only inside the chat UI's calls: "
+                "use the UI, or serve from a dedicated GPU for /ws and /v1")
     extra: dict = field(default_factory=dict)

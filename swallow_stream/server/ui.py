@@ -13,9 +13,11 @@ import time
 from typing import Any, AsyncIterator
 
 import gradio as gr
+import torch
 
-from ..backends.base import Backend
+from ..backends.base import Backend, open_stream
 from ..errors import SwallowError
+from ..request import GenerateRequest
 from ..stream import AsyncStream
 from .doors import open_request
 from .health import Metrics
@@ -104,6 +106,91 @@ def format_stats(s: AsyncStream | None, now: float | None = None, t0: float | No
     return " · ".join(p for p in parts if p)
 
 
+class ChatTurn:
+    """One reply as the chat shows it: the history with the user's message, then a "thought"
+    message for the reasoning (pending while it streams, then its duration) and the answer.
+    Both handlers (async on the server's loop; a sync generator inside ZeroGPU's GPU call) feed
+    it events and yield `view()`s, at most one every `interval` seconds."""
+
+    def __init__(self, hist: list[dict], interval: float):
+        self.hist = hist
+        self.interval = interval
+        self.reasoning: dict | None = None
+        self.answer: dict | None = None
+        self.t0 = time.monotonic()
+        self.t_reason: float | None = None
+        self.last = 0.0
+
+    def absorb(self, events, now: float) -> None:
+        for ev in events:
+            if not ev.text:
+                continue
+            if ev.channel == "analysis":
+                if self.reasoning is None:
+                    self.t_reason = now
+                    self.reasoning = {"role": "assistant", "content": "",
+                                      "metadata": {"title": REASONING_TITLE, "status": "pending"}}
+                    self.hist.append(self.reasoning)
+                self.reasoning["content"] += ev.text
+            else:
+                self.close_reasoning(now)
+                if self.answer is None:
+                    self.answer = {"role": "assistant", "content": ""}
+                    self.hist.append(self.answer)
+                self.answer["content"] += ev.text
+
+    def close_reasoning(self, now: float) -> None:
+        r = self.reasoning
+        if r is not None and r["metadata"]["status"] == "pending":
+            r["metadata"]["status"] = "done"
+            r["metadata"]["duration"] = round(now - (self.t_reason or now), 2)
+
+    def due(self, now: float) -> bool:
+        if now - self.last < self.interval:
+            return False
+        self.last = now
+        return True
+
+    def fail(self, e: BaseException) -> str:
+        """The error as the chat shows it; -> the metrics code."""
+        if isinstance(e, SwallowError):
+            self.hist.append({"role": "assistant", "content": f"⚠️ generation failed: {e}"})
+            return e.code
+        log.error("chat generation failed", exc_info=e)
+        self.hist.append({"role": "assistant", "content": f"⚠️ generation failed: {type(e).__name__}"})
+        return "internal"
+
+    def finish(self, now: float) -> None:
+        self.close_reasoning(now)
+        if self.answer is None and self.reasoning is None:
+            self.hist.append({"role": "assistant", "content": "",
+                              "metadata": {"title": "No visible output", "status": "done"}})
+
+    def view(self, s, now: float) -> tuple:
+        return self.hist, "", format_stats(s, now, self.t0)
+
+
+def start_turn(message, history) -> tuple[list[dict], list[dict] | None]:
+    """-> (history as shown, with the new user message; the conversation the model gets, or None
+    when the message is empty)."""
+    hist = clean_history(history)
+    text = (message or "").strip()
+    if not text:
+        return hist, None
+    convo = model_messages(hist) + [{"role": "user", "content": text}]
+    hist.append({"role": "user", "content": text})
+    return hist, convo
+
+
+def request_options(system, effort, temperature, top_p, top_k, min_p, max_tokens) -> dict:
+    return dict(
+        system=(system or "").strip() or None,
+        reasoning_effort=effort or "medium",
+        temperature=float(temperature), top_p=float(top_p), top_k=int(top_k), min_p=float(min_p),
+        max_tokens=int(max_tokens) if max_tokens else None,
+    )
+
+
 class ChatSessions:
     """Streams running per browser session, so Stop cancels them in the engine at once."""
 
@@ -139,24 +226,17 @@ def build_ui(backend: Backend, settings: Settings, metrics: Metrics) -> gr.Block
 
     async def respond(message, history, system, effort, temperature, top_p, top_k, min_p, max_tokens,
                       request: gr.Request) -> AsyncIterator[tuple]:
-        hist = clean_history(history)
-        text = (message or "").strip()
-        if not text:
+        hist, convo = start_turn(message, history)
+        if convo is None:
             yield hist, message or "", ""
             return
-        convo = model_messages(hist) + [{"role": "user", "content": text}]
-        hist.append({"role": "user", "content": text})
         yield hist, "", "waiting for the first token…"
         session = getattr(request, "session_hash", None) or "anonymous"
         try:
             # Each browser session is its own prefix-cache tenant: one user's prompt never
             # shortens (or shows in the timing of) another's.
-            s = await open_request(backend, convo, dict(
-                system=(system or "").strip() or None,
-                reasoning_effort=effort or "medium",
-                temperature=float(temperature), top_p=float(top_p), top_k=int(top_k), min_p=float(min_p),
-                max_tokens=int(max_tokens) if max_tokens else None,
-            ), tenant=f"ui:{session}")
+            s = await open_request(backend, convo, request_options(system, effort, temperature, top_p, top_k, min_p,
+                                                                   max_tokens), tenant=f"ui:{session}")
         except SwallowError as e:
             metrics.count_error("ui", e.code)
             hist.append({"role": "assistant", "content": f"⚠️ {e}"})
@@ -164,71 +244,73 @@ def build_ui(backend: Backend, settings: Settings, metrics: Metrics) -> gr.Block
             return
         metrics.count_request("ui")
         sessions.add(session, s)
-        t0 = time.monotonic()
-        reasoning: dict | None = None
-        answer: dict | None = None
-        t_reason: float | None = None
+        turn = ChatTurn(hist, interval)
         pending: asyncio.Future | None = None
-        last = 0.0
         dirty = False
-
-        def close_reasoning(now: float) -> None:
-            if reasoning is not None and reasoning["metadata"]["status"] == "pending":
-                reasoning["metadata"]["status"] = "done"
-                reasoning["metadata"]["duration"] = round(now - (t_reason or now), 2)
-
         try:
             while True:
                 if pending is None:
                     pending = asyncio.ensure_future(s.__anext__())
-                wait = None if not dirty else max(0.0, last + interval - time.monotonic())
+                wait = None if not dirty else max(0.0, turn.last + interval - time.monotonic())
                 done, _ = await asyncio.wait({pending}, timeout=wait)
                 now = time.monotonic()
                 if pending in done:
                     fut, pending = pending, None
                     try:
-                        batch = [fut.result(), *s.drain_ready()]
+                        turn.absorb([fut.result(), *s.drain_ready()], now)
                     except StopAsyncIteration:
                         break
-                    for ev in batch:
-                        if not ev.text:
-                            continue
-                        if ev.channel == "analysis":
-                            if reasoning is None:
-                                t_reason = now
-                                reasoning = {"role": "assistant", "content": "",
-                                             "metadata": {"title": REASONING_TITLE, "status": "pending"}}
-                                hist.append(reasoning)
-                            reasoning["content"] += ev.text
-                        else:
-                            close_reasoning(now)
-                            if answer is None:
-                                answer = {"role": "assistant", "content": ""}
-                                hist.append(answer)
-                            answer["content"] += ev.text
                     dirty = True
-                if dirty and now - last >= interval:
-                    last, dirty = now, False
-                    yield hist, "", format_stats(s, now, t0)
-        except SwallowError as e:
-            metrics.count_error("ui", e.code)
-            hist.append({"role": "assistant", "content": f"⚠️ generation failed: {e}"})
+                if dirty and turn.due(now):
+                    dirty = False
+                    yield turn.view(s, now)
         except Exception as e:
-            log.exception("chat generation failed")
-            metrics.count_error("ui", "internal")
-            hist.append({"role": "assistant", "content": f"⚠️ generation failed: {type(e).__name__}"})
+            metrics.count_error("ui", turn.fail(e))
         finally:
             if pending is not None:
                 pending.cancel()
             s.cancel()  # Stop, a closed tab, an error: the engine frees the request now
             sessions.discard(session, s)
         now = time.monotonic()
-        close_reasoning(now)
+        turn.finish(now)
         metrics.count_finish("ui", s.finish_reason or "cancelled", s.usage)
-        if answer is None and reasoning is None:
-            hist.append({"role": "assistant", "content": "",
-                         "metadata": {"title": "No visible output", "status": "done"}})
-        yield hist, "", format_stats(s, now, t0)
+        yield turn.view(s, now)
+
+    def respond_on_gpu(message, history, system, effort, temperature, top_p, top_k, min_p, max_tokens):
+        """ZeroGPU: a synchronous generator that `spaces.GPU` runs in a forked worker holding the
+        GPU. The engine (inline, weights placed at import) steps right here, in the process that
+        owns the device, as the stream is read; what it yields is pickled back to the server."""
+        # The worker is forked from the server process, whose OpenMP thread team does not survive
+        # a fork: a parallel CPU op here would wait on it forever. The device does the work here.
+        torch.set_num_threads(1)
+        hist, convo = start_turn(message, history)
+        if convo is None:
+            yield hist, message or "", ""
+            return
+        yield hist, "", "waiting for the first token…"
+        try:
+            request = GenerateRequest.create(convo, backend.generation, max_model_len=backend.max_model_len,
+                                             **request_options(system, effort, temperature, top_p, top_k, min_p,
+                                                               max_tokens))
+            s = open_stream(backend, request)
+        except SwallowError as e:
+            hist.append({"role": "assistant", "content": f"⚠️ {e}"})
+            yield hist, "", ""
+            return
+        turn = ChatTurn(hist, interval)
+        try:
+            for ev in s:  # each read runs engine steps until a token is ready
+                now = time.monotonic()
+                turn.absorb([ev], now)
+                if turn.due(now):
+                    yield turn.view(s, now)
+        except Exception as e:
+            turn.fail(e)
+        finally:
+            s.cancel()
+        now = time.monotonic()
+        turn.finish(now)
+        yield turn.view(s, now)
 
     async def stop(request: gr.Request) -> None:  # on the event loop, like the chats it cancels
         sessions.cancel(getattr(request, "session_hash", None) or "anonymous")
@@ -268,7 +350,7 @@ def build_ui(backend: Backend, settings: Settings, metrics: Metrics) -> gr.Block
         inputs = [prompt, chatbot, system, effort, temperature, top_p, top_k, min_p, max_tokens]
         outputs = [chatbot, prompt, stats]
         if settings.gpu_decorator is not None:
-            respond = settings.gpu_decorator(respond)
+            respond = settings.gpu_decorator(respond_on_gpu)
         concurrency = settings.ui_concurrency or backend.max_num_seqs
         common = dict(concurrency_limit=concurrency, concurrency_id="chat", show_progress="hidden")
         ev_submit = prompt.submit(respond, inputs, outputs, api_name="chat", **common)
@@ -277,9 +359,6 @@ def build_ui(backend: Backend, settings: Settings, metrics: Metrics) -> gr.Block
         clear.click(lambda: ([], ""), None, [chatbot, stats], queue=False, api_visibility="private")
     # Bounded like the engine's own queue: beyond it a chat is refused at once ("queue full")
     # instead of waiting in an unbounded line in front of the engine's admission limits.
-    max_queue = settings.ui_max_queue
-    if max_queue is None:
-        max_queue = getattr(getattr(backend, "engine", None), "engine_config", None)
-        max_queue = max_queue.max_queued_requests if max_queue is not None else 64
+    max_queue = settings.ui_max_queue if settings.ui_max_queue is not None else backend.max_queued_requests
     demo.queue(default_concurrency_limit=concurrency, max_size=max(1, max_queue))
     return demo

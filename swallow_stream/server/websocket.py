@@ -220,6 +220,10 @@ class WSConnection:
         if gid is None or gid == "":
             self.error("invalid_request", "'generate' needs an 'id'")
             return
+        refused = self.settings.generation_refused()
+        if refused:
+            self.error("internal", refused, gid)
+            return
         if _key(gid) in self.gens:
             self.error("invalid_request", f"generation {gid!r} is already running on this connection", gid)
             return

@@ -121,6 +121,7 @@ class ScriptedBackend:
 
     kind = "local"
     max_num_seqs = 16
+    max_queued_requests = 64
     closed = False
 
     def __init__(self, name: str = "scripted-model", script: Callable[[list[dict]], list[tuple[str, str]]] | None = None,

@@ -18,7 +18,8 @@ from swallow_stream.server.doors import model_aliases
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV_VARS = ["SWALLOW_MODEL", "SWALLOW_HOST", "HOST", "SWALLOW_PORT", "PORT", "SWALLOW_API_KEY", "SWALLOW_BACKEND",
             "SWALLOW_BASE_URL", "SWALLOW_MAX_NUM_SEQS", "SWALLOW_MAX_MODEL_LEN", "SWALLOW_KV_CACHE_MEMORY",
-            "SWALLOW_MAX_QUEUED_REQUESTS", "SWALLOW_SERVED_MODEL_NAME", "GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT"]
+            "SWALLOW_MAX_QUEUED_REQUESTS", "SWALLOW_SERVED_MODEL_NAME", "GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT",
+            "SWALLOW_OPS", "SWALLOW_GPU_MEMORY_UTILIZATION", "SWALLOW_KEEP_DENSE_EXPERTS", "SWALLOW_DTYPE", "SWALLOW_DEVICE"]
 
 
 @pytest.fixture()
@@ -34,6 +35,15 @@ def test_defaults(clean_env):
     assert engine_options(a) == {}
     clean_env.setenv("GRADIO_SERVER_NAME", "0.0.0.0")  # what Spaces sets
     assert parse_args([]).host == "0.0.0.0"
+
+
+def test_engine_flags(clean_env):
+    a = parse_args(["--ops", "torch", "--keep-dense-experts", "--gpu-memory-utilization", "0.8", "--dtype", "bf16"])
+    assert engine_options(a) == {"ops": "torch", "quantize_dense_experts": False, "gpu_memory_utilization": 0.8,
+                                 "dtype": "bf16"}
+    clean_env.setenv("SWALLOW_OPS", "triton")
+    clean_env.setenv("SWALLOW_GPU_MEMORY_UTILIZATION", "0.7")
+    assert engine_options(parse_args([])) == {"ops": "triton", "gpu_memory_utilization": 0.7}
 
 
 def test_flags_and_env(clean_env):
@@ -128,32 +138,3 @@ def test_python_app_py_picks_a_model_and_serves_everything(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
-
-
-def test_zero_gpu_runs_the_engine_inline_and_wraps_the_chat(monkeypatch):
-    """On ZeroGPU the GPU exists only inside spaces.GPU calls: no engine thread, chat wrapped."""
-    import sys
-    import types
-
-    from swallow_stream import stream
-    from swallow_stream.server.cli import create_app
-
-    wrapped = []
-
-    def GPU(duration=60):  # noqa: N802 - the real decorator's name
-        def deco(fn):
-            wrapped.append((fn.__name__, duration))
-            return fn
-        return deco
-
-    monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=GPU))
-    monkeypatch.setenv("SWALLOW_ZERO_GPU", "1")
-    monkeypatch.setenv("SWALLOW_ZERO_GPU_DURATION", "90")
-    app, settings, backend = create_app(["--model", "tiny"])
-    try:
-        assert backend.engine.inline and backend.engine.engine_config.cuda_graphs is False
-        assert wrapped == [("respond", 90)]
-        s = stream("hi", model=backend, seed=0, max_tokens=40).collect()
-        assert s.usage.completion_tokens > 0 and s.finish_reason in ("stop", "length")
-    finally:
-        backend.shutdown()
