@@ -37,7 +37,14 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="drift-"))
     cfg = dataclasses.replace(preset(args.preset), quant_method=None)
     dense_dir = write_checkpoint(tmp / "dense", cfg, seed=args.seed)
-    sd, qcfg = read_quantized(open_checkpoint(dense_dir), torch.device("cpu"))
+    ckpt = open_checkpoint(dense_dir)
+    sd, qcfg = read_quantized(ckpt, torch.device("cpu"))
+    from swallow_stream.ops import dequantize_mxfp4
+
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    dense_w = ckpt.read([name])[name].float().transpose(1, 2)
+    back = dequantize_mxfp4(sd[name + "_blocks"], sd[name + "_scales"])
+    weight_rel_error = ((back - dense_w).norm() / dense_w.norm()).item()
     quant_dir = write_checkpoint(tmp / "mxfp4", qcfg, seed=args.seed)
     for f in quant_dir.glob("model*.safetensors*"):
         f.unlink()
@@ -59,6 +66,7 @@ def main() -> None:
     kl = (lp_d.exp() * (lp_d - lp_q)).sum(-1)
     out = {
         "preset": args.preset, "tokens": len(tok),
+        "expert_weight_rel_error": round(weight_rel_error, 4),
         "mean_abs_delta_logprob": round(delta.mean().item(), 4),
         "max_abs_delta_logprob": round(delta.max().item(), 4),
         "top1_agreement": round((lp_q.argmax(-1) == lp_d.argmax(-1)).float().mean().item(), 4),
