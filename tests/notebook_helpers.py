@@ -6,6 +6,8 @@ import pytest
 
 from swallow_stream.harmony import get_tokenizer
 
+from engine_helpers import script_tokens
+
 REASONING = "ユーザーは<b>太字</b>の旅程を求めている。"
 ANSWER = "**浅草**から始めましょう。<script>alert(1)</script>"
 
@@ -17,24 +19,6 @@ def harmony_completion(reasoning=REASONING, answer=ANSWER):
         + [200007, 200006] + tok.encode("assistant") + [200005] + tok.encode("final") + [200008]
         + tok.encode(answer) + [200002]
     )
-
-
-def script_tokens(engine, token_ids):
-    """Make the engine's model 'generate' token_ids for every request (the real loop,
-    scheduler and parser run; only the sampled ids are replaced)."""
-    real_run = engine.runner.run
-    it = {}
-
-    def run(batch):
-        out = real_run(batch)
-        fixed = []
-        for (seq, n), o in zip([b for b in batch if b[0].num_computed + b[1] == len(b[0].token_ids)], out):
-            i = it.setdefault(seq.seq_id, 0)
-            it[seq.seq_id] = i + 1
-            fixed.append((token_ids[i] if i < len(token_ids) else o[0], o[1], o[2]))
-        return fixed
-
-    engine.runner.run = run
 
 
 @pytest.fixture

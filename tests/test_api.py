@@ -15,24 +15,7 @@ from swallow_stream import (
 )
 from swallow_stream.harmony import get_tokenizer, render_prompt
 
-from engine_helpers import wait_idle
-
-
-def script_tokens(engine, token_ids):
-    """Make the engine's model 'generate' token_ids (the real loop, scheduler and parser run)."""
-    real_run = engine.runner.run
-    it = {}
-
-    def run(batch):
-        out = real_run(batch)
-        fixed = []
-        for (seq, n), o in zip([b for b in batch if b[0].num_computed + b[1] == len(b[0].token_ids)], out):
-            i = it.setdefault(seq.seq_id, 0)
-            it[seq.seq_id] = i + 1
-            fixed.append((token_ids[i] if i < len(token_ids) else o[0], o[1], o[2]))
-        return fixed
-
-    engine.runner.run = run
+from engine_helpers import script_tokens, wait_idle
 
 
 def test_stream_events_and_outcome(tiny_engine):

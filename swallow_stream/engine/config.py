@@ -97,38 +97,6 @@ class EngineConfig:
     gpu_memory_utilization: float
 
 
-def resolve(self, cfg: ModelConfig, generation: GenerationDefaults) -> frozenset[int]:
-        return (self.always | frozenset(cfg.eos_token_ids) | frozenset(generation.eos_token_ids)) - self.never
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    device: torch.device
-    dtype: torch.dtype
-    ops: str  # "torch" | "triton": what runs (`resolve_ops`)
-    max_model_len: int
-    max_num_seqs: int
-    max_queued_requests: int
-    max_num_batched_tokens: int
-    block_size: int
-    enable_prefix_caching: bool
-    cuda_graphs: bool | None
-    stop_token_ids: frozenset[int]
-    dequantize_experts: bool  # CPU + torch ops: hold MXFP4 experts unpacked (fp32)
-    quantize_experts: bool  # dense experts -> MXFP4 while loading
-    kv_cache_memory: int | None
-    gpu_memory_utilization: float
-
-    def kv_cache_budget(self) -> int:
-        """Bytes for the KV cache, read after the weights are placed (free memory shrinks)."""
-        if self.kv_cache_memory is not None:
-            return self.kv_cache_memory
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return int(free * self.gpu_memory_utilization) - (2 << 30)  # activations headroom
-        return 512 << 20
-
-
 def resolve(opts: EngineOptions, cfg: ModelConfig, generation: GenerationDefaults, stops: StopPolicy) -> EngineConfig:
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[opts.dtype] if opts.dtype else default_dtype(device)

@@ -174,7 +174,7 @@ def test_api_key_in_the_url_is_redacted_in_the_access_log(tiny_backend):
     assert "topsecret" not in lines
 
 
-def test_admission_refuses_what_the_kv_cache_cannot_hold(_cache_dir):
+def test_admission_refuses_what_the_kv_cache_cannot_hold():
     from swallow_stream import load
     from swallow_stream.server import Settings, build_app
 

@@ -118,7 +118,7 @@ def test_ui_queue_is_bounded():
     assert outcomes.count("ok") >= 2
 
 
-def test_a_short_context_still_chats(_cache_dir):
+def test_a_short_context_still_chats():
     from swallow_stream import load
     from swallow_stream.server import Settings, build_app
 

@@ -152,7 +152,9 @@ async def _cached(ws_url: str, prompt: str, headers: dict | None = None, **param
     return frames[-1]["usage"]["cached_tokens"]
 
 
-TEMPLATE = "Account recovery form. " * 12 + "My PIN is {}. Please confirm it."
+# Whole cache blocks follow the PIN, so a repeat of the full prompt caches past it wherever the
+# blocks fall (the rendered prompt's header shifts with the date).
+TEMPLATE = "Account recovery form. " * 12 + "My PIN is {}. " + "Please confirm it. " * 12
 
 
 async def test_prefix_cache_is_not_shared_across_api_keys(tiny_backend):

@@ -89,7 +89,7 @@ def hostile_texts() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def big_context_server(_cache_dir):
+def big_context_server():
     """A server whose context (32k tokens) admits 200 KB prompts to tokenizing."""
     from swallow_stream import load
     from swallow_stream.server import Settings, build_app
