@@ -75,6 +75,6 @@ def test_each_load_phase_is_logged_with_sizes_and_seconds(tiny_path, make_engine
     lines = [r.getMessage() for r in caplog.records if r.name == "swallow_stream.engine"]
     read, runner, kv, ready = lines[-4:]
     assert read.startswith("read 79 tensors (") and " GiB) from " in read and read.endswith(" s")
-    assert runner.startswith("model runner ready in ") and "torch ops" in runner and "CUDA graphs off" in runner
+    assert runner.startswith("model runner ready in ") and "for the torch ops" in runner and "CUDA graphs off" in runner
     assert kv.startswith("KV cache: ") and "blocks of 16 tokens" in kv and "GiB; max_model_len" in kv
     assert ready == "logged ready"

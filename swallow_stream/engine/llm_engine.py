@@ -120,8 +120,11 @@ class LLMEngine:
         def make_runner() -> ModelRunner:
             t0 = time.monotonic()
             runner = ModelRunner(self.config, weights, ops, plan, cfg.max_model_len, cfg.max_num_seqs, cfg.cuda_graphs)
-            log.info("model runner ready in %.1f s: %s ops, %s on %s, CUDA graphs %s", time.monotonic() - t0,
-                     ops.name, str(cfg.dtype).removeprefix("torch."), cfg.device, "captured" if graphs else "off")
+            decode = runner.decode
+            log.info("model runner ready in %.1f s (weights laid out for the %s ops, kernels compiled): %s on %s; "
+                     "decode CUDA graphs %s", time.monotonic() - t0, ops.name, str(cfg.dtype).removeprefix("torch."),
+                     cfg.device, f"captured for batch sizes {decode.buckets}" if decode.use_graphs
+                     else ("failed to capture: eager decode" if graphs else "off"))
             return runner
 
         # An inline engine (ZeroGPU) allocates its KV cache in its first step, inside a GPU call:
