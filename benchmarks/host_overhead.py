@@ -6,8 +6,8 @@ consumer thread per stream doing what `stream()` does (harmony parsing, detokeni
 forward returns a zero hidden state and the LM head a fixed logits tensor (a plain text token on
 top, so nothing stops), so what is left per step is what a GPU would wait for, plus the sampler.
 
-On CPU the sampler is device work too (on CUDA it runs inside the step's graph); it is measured
-alone over the same logits and reported next to the step so the two can be told apart.
+On CPU the sampler is device work too (on CUDA it runs inside the step's graph): it is timed where
+it runs, in the engine thread, and reported apart; "host" is the step minus the sampler.
 
     .venv/bin/python benchmarks/host_overhead.py [--batches 1,16,64] [--repeats 5] [--json out.json]
 """
@@ -48,10 +48,11 @@ def fake_model(engine) -> None:
     model.logits = lm_head
 
 
-def measure(engine, n: int, repeats: int, window: float, sampling: dict) -> list[float]:
+def measure(engine, clock, n: int, repeats: int, window: float, sampling: dict) -> list[tuple[float, float]]:
+    """-> [(seconds per step, of which in the sampler)] per repeat."""
     from swallow_stream import stream
 
-    streams = [stream(f"Request {i}: say something.", model=engine, max_tokens=engine.max_model_len // 2, **sampling)
+    streams = [stream(f"Request {i}: say something.", model=engine, max_tokens=engine.max_model_len - 200, **sampling)
                for i in range(n)]
     stop = threading.Event()
 
@@ -69,31 +70,33 @@ def measure(engine, n: int, repeats: int, window: float, sampling: dict) -> list
     time.sleep(window / 4)
     per_step = []
     for _ in range(repeats):
-        s0, t0 = engine.counters.steps_total, time.perf_counter()
+        s0, c0, t0 = engine.counters.steps_total, clock.total, time.perf_counter()
         time.sleep(window)
-        s1, t1 = engine.counters.steps_total, time.perf_counter()
-        per_step.append((t1 - t0) / max(s1 - s0, 1))
+        s1, c1, t1 = engine.counters.steps_total, clock.total, time.perf_counter()
+        steps = max(s1 - s0, 1)
+        per_step.append(((t1 - t0) / steps, (c1 - c0) / steps))
     stop.set()
     for t in threads:
         t.join(30)
     return per_step
 
 
-def sampler_alone(vocab: int, n: int, repeats: int, sampling: dict) -> float:
-    from swallow_stream.sampling import SamplingParams, SamplingTensors, candidate_count, device_sample
+class SamplerClock:
+    """Wraps the runner's sampler to time it where it runs (the engine thread)."""
 
-    logits = torch.randn(n, vocab, generator=torch.Generator().manual_seed(0))
-    p = SamplingParams(temperature=sampling.get("temperature", 0.6), top_p=sampling.get("top_p", 0.95),
-                       top_k=sampling.get("top_k", 20))
-    t = SamplingTensors.allocate(n, "cpu")
-    t.fill([p] * n, list(range(n)), [100] * n)
-    k = candidate_count([p] * n)
-    times = []
-    for _ in range(repeats * 4):
-        t0 = time.perf_counter()
-        device_sample(logits, t, k)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    def __init__(self):
+        from swallow_stream.engine import model_runner
+
+        self.total = 0.0
+        inner = model_runner.device_sample
+
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            out = inner(*a, **kw)
+            self.total += time.perf_counter() - t0
+            return out
+
+        model_runner.device_sample = timed
 
 
 def main() -> None:
@@ -112,18 +115,19 @@ def main() -> None:
     from swallow_stream.engine import EngineOptions, LLMEngine
 
     path = write_checkpoint(tempfile.mkdtemp(prefix="host-"), preset("tiny"), seed=0)
-    opts = dict(device="cpu", max_num_seqs=max(batches), max_model_len=4096)
+    opts = dict(device="cpu", max_num_seqs=max(batches), max_model_len=8192, kv_cache_memory=1 << 30)
     if args.overlap:
         opts["overlap"] = args.overlap == "on"
     engine = LLMEngine(open_checkpoint(path), EngineOptions(**opts), name="host")
     sampling = {"temperature": 0} if args.greedy else {}  # else generation_config: 0.6 / 0.95 / top_k 20
     # the runner is only touched by the engine thread; patching it before any request is safe
     fake_model(engine)
+    clock = SamplerClock()
     results = {}
     for n in batches:
-        results[n] = measure(engine, n, args.repeats, args.window, sampling)
+        results[n] = measure(engine, clock, n, args.repeats, args.window, sampling)
     vocab = engine.config.vocab_size
-    overlap = getattr(engine, "overlap", False)
+    overlap = engine.engine_config.overlap
     engine.shutdown()
     out = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
@@ -135,13 +139,14 @@ def main() -> None:
     }
     print(f"{out['machine']}  {out['date']}  sampling: {out['sampling']}  overlap: {overlap}  vocab {vocab}")
     for n in batches:
-        med = statistics.median(results[n])
-        samp = sampler_alone(vocab, n, args.repeats, sampling)
-        out["batches"][n] = {"step_us": med * 1e6, "steps_us": [x * 1e6 for x in results[n]],
-                             "sampler_us": samp * 1e6, "host_us": (med - samp) * 1e6}
-        print(f"batch {n:3d}: step {med * 1e6:8.0f} us (median of {args.repeats}; range "
-              f"{min(results[n]) * 1e6:.0f}-{max(results[n]) * 1e6:.0f}), sampler over the vocab alone "
-              f"{samp * 1e6:7.0f} us, host without the sampler {(med - samp) * 1e6:7.0f} us")
+        step = statistics.median(x for x, _ in results[n])
+        samp = statistics.median(y for _, y in results[n])
+        host = statistics.median(x - y for x, y in results[n])
+        out["batches"][n] = {"step_us": step * 1e6, "sampler_us": samp * 1e6, "host_us": host * 1e6,
+                             "repeats_us": [[x * 1e6, y * 1e6] for x, y in results[n]]}
+        print(f"batch {n:3d}: step {step * 1e6:8.0f} us, of which the sampler over the vocabulary {samp * 1e6:7.0f} us, "
+              f"the rest (host) {host * 1e6:7.0f} us  (medians of {args.repeats}; steps "
+              f"{min(x for x, _ in results[n]) * 1e6:.0f}-{max(x for x, _ in results[n]) * 1e6:.0f} us)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -312,20 +312,25 @@ def _argmax(vals: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 
 
 def device_sample(
-    logits: torch.Tensor, t: SamplingTensors, num_candidates: int | None = None, logprobs: bool = True
+    logits: torch.Tensor, t: SamplingTensors, num_candidates: int | None = None, logprobs: bool = True,
+    greedy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, V] fp32 -> (token ids [B] int64, their log-probabilities under the raw logits [B] fp32).
 
     num_candidates=K restricts sampling to the top K logits (exact when every non-greedy row has
     0 < top_k <= K: `candidate_count`); None sorts the vocabulary. No host sync, static shapes.
     logprobs=False skips the log-softmax over the vocabulary (a full pass of exp) and returns
-    zeros: for callers that know no row asked for them."""
-    vals, order = _candidates(logits, num_candidates)
-    probs = _filter_sorted(vals, t)
-    q = exponential_noise(t.seed, t.position, order)
-    score = torch.where(probs > 0, probs.double().log() - q.log(), float("-inf"))
-    pick = order.gather(1, score.argmax(-1, keepdim=True)).squeeze(1)
-    ids = torch.where(t.temperature > 0, pick, _argmax(vals, order))
+    zeros: for callers that know no row asked for them. greedy=True: the caller knows every row
+    is greedy (the filters and the noise are skipped; same ids)."""
+    vals, order = _candidates(logits, MAX_CANDIDATES if greedy else num_candidates)
+    if greedy:
+        ids = _argmax(vals, order)
+    else:
+        probs = _filter_sorted(vals, t)
+        q = exponential_noise(t.seed, t.position, order)
+        score = torch.where(probs > 0, probs.double().log() - q.log(), float("-inf"))
+        pick = order.gather(1, score.argmax(-1, keepdim=True)).squeeze(1)
+        ids = torch.where(t.temperature > 0, pick, _argmax(vals, order))
     if not logprobs:
         return ids, torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
     logprob = torch.log_softmax(logits, dim=-1).gather(1, ids.unsqueeze(1)).squeeze(1)
