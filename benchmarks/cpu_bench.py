@@ -44,7 +44,8 @@ def run_engine(path: str, args) -> dict:
     from swallow_stream.engine import EngineOptions, LLMEngine
     from swallow_stream.checkpoint import open_checkpoint
 
-    engine = LLMEngine(lambda: open_checkpoint(path), EngineOptions(device="cpu", max_num_seqs=16), name="bench")
+    engine = LLMEngine(lambda: open_checkpoint(path), EngineOptions(device="cpu", max_num_seqs=16, dtype=args.dtype),
+                       name="bench")
     stream("warm up", model=engine, temperature=0, max_tokens=4).collect()
 
     def one(prompt: str, n: int):
@@ -121,6 +122,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--long-repeat", type=int, default=120, help="prompt repeats for the ~2k-token prompt")
     ap.add_argument("--streams", default="8,16")
+    ap.add_argument("--dtype", default=None, help="force the engine's dtype (default: its own per-device choice); "
+                    "transformers stays at its default, bf16")
     ap.add_argument("--part", choices=["engine", "hf"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -138,12 +141,15 @@ def main() -> None:
     for part in ("engine", "hf"):
         cmd = [sys.executable, __file__, "--part", part, "--checkpoint", str(path), "--new-tokens", str(args.new_tokens),
                "--long-repeat", str(args.long_repeat), "--streams", ",".join(map(str, args.streams))]
+        if args.dtype:
+            cmd += ["--dtype", args.dtype]
         sides[part] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
     e, h = sides["engine"], sides["hf"]
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d"),
         "preset": args.preset,
+        "engine_dtype": "forced " + args.dtype if args.dtype else "default",
         "new_tokens": args.new_tokens,
         "engine": e,
         "transformers": h,

@@ -196,3 +196,38 @@ def test_device_sample_depends_on_seed_and_position_only():
 def test_exponential_noise_is_exp1():
     q = exponential_noise(torch.tensor([3]), torch.tensor([9]), torch.arange(200000))[0]
     assert (q >= 0).all() and abs(q.mean().item() - 1) < 0.01 and abs(q.var().item() - 1) < 0.03
+
+
+def test_chunked_candidates_equal_topk_on_a_full_vocabulary():
+    from swallow_stream.sampling import _candidates
+
+    v = 201088
+    logits = torch.randn(4, v, generator=torch.Generator().manual_seed(3))
+    logits[1, 640:704] += 50.0  # the whole top 64 in one chunk
+    logits[2, torch.arange(0, v, 3142)] += 50.0  # the top 64 each in a different chunk
+    logits[3, 5:100] = 9.0  # a tie across chunk borders
+    vals, ids = _candidates(logits, MAX_CANDIDATES)
+    want_vals, _ = logits.topk(MAX_CANDIDATES, dim=-1)
+    assert torch.equal(vals, want_vals)
+    assert torch.equal(logits.gather(1, ids), vals)
+    assert all(len(set(r)) == MAX_CANDIDATES for r in ids.tolist())
+
+
+def test_greedy_on_a_full_vocabulary_is_argmax_with_lowest_id_on_ties():
+    v = 201088
+    logits = torch.randn(3, v, generator=torch.Generator().manual_seed(4))
+    logits[1, [70000, 9000, 150000]] = 20.0  # argmax returns the first
+    logits[2, [3, 4]] = 20.0  # a tie inside one chunk
+    for p in (params(temperature=0), params(top_k=1)):
+        ids, lp = device_sample(logits, tensors([p] * 3), MAX_CANDIDATES)
+        assert torch.equal(ids, logits.argmax(-1)) and ids.tolist()[1:] == [9000, 3]
+        assert torch.allclose(lp, torch.log_softmax(logits, -1).gather(1, ids[:, None])[:, 0])
+        ids2, lp2 = device_sample(logits, tensors([p] * 3), MAX_CANDIDATES, logprobs=False)
+        assert torch.equal(ids2, ids) and not lp2.any()
+
+
+def test_candidate_path_samples_like_the_full_vocabulary_on_a_full_vocabulary():
+    logits = torch.randn(6, 201088, generator=torch.Generator().manual_seed(5)) * 4
+    p = params(top_k=20, top_p=0.95, temperature=0.6)
+    t = tensors([p] * 6, seeds=[1, 2, 3, 4, 5, 6], positions=[10, 11, 12, 13, 14, 15])
+    assert torch.equal(device_sample(logits, t, MAX_CANDIDATES)[0], device_sample(logits, t, None)[0])

@@ -39,6 +39,10 @@ class EngineOptions:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     cuda_graphs: bool | None = None  # None: on when the device is CUDA
+    # One-step-late decoding: step N+1 is launched with step N's sampled ids still on the device,
+    # and the host reads step N's ids (stops, streaming) while step N+1 runs. None: on CUDA. On
+    # CPU nothing runs asynchronously, so it only buys the same code path (tests).
+    overlap: bool | None = None
     # No engine thread: consumers drive the steps (`pump`). For hosts where the GPU exists only
     # inside request handlers (Hugging Face ZeroGPU).
     inline: bool = False
@@ -95,6 +99,7 @@ class EngineConfig:
     quantize_experts: bool  # dense experts -> MXFP4 while loading
     kv_cache_memory: int | None
     gpu_memory_utilization: float
+    overlap: bool = False  # one-step-late decoding: the next step's inputs are fed from the device
 
 
 def resolve(opts: EngineOptions, cfg: ModelConfig, generation: GenerationDefaults, stops: StopPolicy) -> EngineConfig:
@@ -122,6 +127,8 @@ def resolve(opts: EngineOptions, cfg: ModelConfig, generation: GenerationDefault
         quantize_experts=quantize,
         kv_cache_memory=opts.kv_cache_memory,
         gpu_memory_utilization=opts.gpu_memory_utilization,
+        # inline (ZeroGPU) steps end with the consumer's call: no step may be left in flight
+        overlap=not opts.inline and (opts.overlap if opts.overlap is not None else device.type == "cuda"),
     )
 
 

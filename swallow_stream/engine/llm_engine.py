@@ -28,7 +28,7 @@ from .config import EngineConfig, EngineOptions, StopPolicy, resolve
 from .model_runner import ModelRunner, plan_kv_cache
 from .planner import kv_cache_budget
 from .scheduler import Scheduler
-from .sequence import Sequence, SequenceOutput, SequenceStatus
+from .sequence import PENDING_TOKEN, Sequence, SequenceOutput, SequenceStatus
 from .stats import EngineCounters, ThroughputMeter
 
 log = logging.getLogger("swallow_stream.engine")
@@ -58,6 +58,7 @@ class LLMEngine:
         self._num_unfinished = 0
         self._stopped = False
         self._step_lock = threading.Lock()  # inline mode: one consumer steps at a time
+        self._pending = None  # overlapped decoding: (PendingStep, [(sequence, row)]) not read yet
         self._thread: threading.Thread | None = None
         if self.options.inline:
             self._build(checkpoint, name)
@@ -270,6 +271,7 @@ class LLMEngine:
                 self.step()
 
     def _cancel_all(self) -> None:
+        self._pending = None
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             self._finish(seq, "cancelled", SwallowError("engine shut down"))
 
@@ -301,10 +303,14 @@ class LLMEngine:
         batch, unfittable = self.scheduler.schedule()
         for seq in unfittable:
             self._finish(seq, "error", ContextLengthExceededError(f"sequence of {len(seq)} tokens does not fit in the KV cache"))
+        if batch and self.runner is None:
+            self.runner = self._make_runner()
+        if batch and self.engine_config.overlap and self.runner.can_launch(batch) and self._launch(batch):
+            return
+        self._resolve()  # the tokens of a launched step first: this step's inputs need them
+        batch = [(seq, n) for seq, n in batch if seq.status == SequenceStatus.RUNNING]
         if not batch:
             return
-        if self.runner is None:
-            self.runner = self._make_runner()
         try:
             sampled = self.runner.run(batch)
         except Exception:
@@ -317,7 +323,6 @@ class LLMEngine:
         self.counters.steps_total += 1
         self.counters.computed_tokens_total += sum(n for _, n in batch)
         it = iter(sampled)
-        now = time.monotonic()
         produced = 0
         for seq, n in batch:
             seq.num_computed += n
@@ -327,24 +332,80 @@ class LLMEngine:
             token, lp, top = next(it)
             seq.token_ids.append(token)
             produced += 1
-            p = seq.params
-            reason = None
-            if token in p.stop_token_ids:
-                reason = "stop"
-            elif (p.max_tokens is not None and seq.num_generated >= p.max_tokens) or len(seq.token_ids) >= self.max_model_len:
-                reason = "length"
-            seq.emit(
-                SequenceOutput(
-                    [token],
-                    [lp] if lp is not None else None,
-                    [top] if top is not None else None,
-                    num_cached_tokens=seq.num_cached_prompt_tokens,
-                )
-            )
-            if reason:
-                self._finish(seq, reason)
+            self._deliver(seq, token, lp, top)
         self.counters.generated_tokens_total += produced
-        self.throughput.add(now, produced)
+        self.throughput.add(time.monotonic(), produced)
+
+    def _deliver(self, seq: Sequence, token: int, lp: float | None, top) -> None:
+        """Hand a sampled token (already in seq.token_ids) to its consumer; finish on a stop."""
+        p = seq.params
+        reason = None
+        if token in p.stop_token_ids:
+            reason = "stop"
+        elif (p.max_tokens is not None and seq.num_generated >= p.max_tokens) or len(seq.token_ids) >= self.max_model_len:
+            reason = "length"
+        seq.emit(
+            SequenceOutput(
+                [token],
+                [lp] if lp is not None and p.logprobs else None,
+                [top] if top is not None else None,
+                num_cached_tokens=seq.num_cached_prompt_tokens,
+            )
+        )
+        if reason:
+            self._finish(seq, reason)
+
+    def _at_length(self, seq: Sequence) -> bool:
+        p = seq.params
+        return (p.max_tokens is not None and seq.num_generated >= p.max_tokens) or len(seq.token_ids) >= self.max_model_len
+
+    def _launch(self, batch: list[tuple[Sequence, int]]) -> bool:
+        """One-step-late decode: launch this step (inputs that are still placeholders come from
+        the previous step's ids on the device), then read the previous step's ids and hand them
+        out while this one runs. False: the launch failed; the plain path takes the step."""
+        # a sequence whose pending token is its last (max_tokens, context) needs no further step
+        go = [(seq, n) for seq, n in batch if not (seq.pending_row >= 0 and self._at_length(seq))]
+        pending = None
+        if go:
+            try:
+                pending = self.runner.launch(go, [seq.pending_row for seq, _ in go])
+            except Exception:
+                log.exception("overlapped decode step of %d request(s) failed; retrying it in step", len(go))
+                return False
+        self._resolve()
+        rows = []
+        for row, (seq, _) in enumerate(go):
+            if seq.status != SequenceStatus.RUNNING:
+                continue  # stopped (or cancelled) by the tokens just read: this row's token is dropped
+            seq.num_computed += 1
+            self.kv.commit(seq)
+            seq.token_ids.append(PENDING_TOKEN)
+            seq.pending_row = row
+            rows.append((seq, row))
+        if pending is not None:
+            self._pending = (pending, rows)
+            self.counters.steps_total += 1
+            self.counters.computed_tokens_total += len(go)
+        return True
+
+    def _resolve(self) -> None:
+        """Read the launched step's sampled ids (waits for it) and deliver them."""
+        if self._pending is None:
+            return
+        pending, rows = self._pending
+        self._pending = None
+        results = pending.result()
+        produced = 0
+        for seq, row in rows:
+            if seq.pending_row != row or seq.status == SequenceStatus.FINISHED:
+                continue  # cancelled while its step ran
+            token, lp = results[row]
+            seq.token_ids[-1] = token
+            seq.pending_row = -1
+            produced += 1
+            self._deliver(seq, token, lp, None)
+        self.counters.generated_tokens_total += produced
+        self.throughput.add(time.monotonic(), produced)
 
     def _run_isolated(self, batch):
         ok, sampled = [], []

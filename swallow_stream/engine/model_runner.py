@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..config import ModelConfig
@@ -90,13 +92,18 @@ class StaticDecode:
         self.use_graphs = use_graphs
         dev = model.device
         n = max_num_seqs
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.slots = torch.full((2, n), -1, dtype=torch.int64, device=dev)
+        # ids, positions and the two groups' slots in one buffer: a step's inputs are one copy
+        self.staged = torch.zeros((4, n), dtype=torch.int64, device=dev)
+        self.input_ids, self.positions, self.slots = self.staged[0], self.staged[1], self.staged[2:]
+        self.slots.fill_(-1)
         self.tables = torch.zeros((2, n, max_blocks), dtype=torch.int32, device=dev)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.sampling = SamplingTensors.allocate(n, dev)
+        self.last_ids = torch.zeros(n, dtype=torch.int64, device=dev)  # the previous step's sampled ids
+        self._host_tables = np.zeros((2, n, max_blocks), dtype=np.int32)
+        self._table_keys: list[tuple | None] = [None] * n  # what each row's block tables hold
+        self._sampling_key: tuple | None = None  # whose parameters the sampling rows hold
         if use_graphs:
             sizes = [b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if b < n] + [n]
         else:
@@ -113,12 +120,16 @@ class StaticDecode:
             sliding=CacheGroupMeta(self.slots[SLIDING, :b], self.tables[SLIDING, :b]),
         )
 
-    def _step(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _step(self, b: int, logprobs: bool = True, greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (sampled ids [b], their logprobs [b], logits [b, V]) from the static buffers."""
+        # a decode's context is its position + 1, and its sampled token sits there: both derived
+        # here, on the device, so the host copies neither
+        torch.add(self.positions[:b], 1, out=self.sampling.position[:b])
+        self.seq_lens[:b].copy_(self.sampling.position[:b])
         hidden = self.model.forward(self.input_ids[:b], self.positions[:b], self._meta(b), self.kv_caches)
         logits = self.model.logits(hidden)
-        ids, logprobs = device_sample(logits, self.sampling.rows(b), MAX_CANDIDATES)
-        return ids, logprobs, logits
+        ids, lps = device_sample(logits, self.sampling.rows(b), MAX_CANDIDATES, logprobs, greedy)
+        return ids, lps, logits
 
     def _capture(self, b: int) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]:
         side = torch.cuda.Stream()
@@ -149,42 +160,85 @@ class StaticDecode:
         return batch_size <= self.buckets[-1] and max_blocks <= self.tables.shape[2]
 
     def run(self, batch: list[tuple[Sequence, int]], block_size: int, has_sliding: bool,
-            params: list[SamplingParams], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (sampled ids [B], logprobs [B], logits [B, V]) for a batch of decodes."""
+            params: list[SamplingParams], seeds: list[int], logprobs: bool = True,
+            feed: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (sampled ids [B], logprobs [B], logits [B, V]) for a batch of decodes.
+
+        feed[i] >= 0: row i's input token is row feed[i] of the previous step's sampled ids, still
+        on the device (the host has not read it yet; its token_ids entry is a placeholder)."""
         b = len(batch)
         bucket = next(x for x in self.buckets if x >= b)
-        width = self.tables.shape[2]
-        ids, pos, slots, lens = [], [], [[], []], []
-        tables = torch.zeros((2, bucket, width), dtype=torch.int32)
+        groups = (FULL, SLIDING) if has_sliding else (FULL,)
+        pad = bucket - b
+        ids, pos = [0] * bucket, [0] * bucket
+        slots = [[-1] * bucket, [-1] * bucket]
+        width = 1
+        tables, keys = self._host_tables, self._table_keys
+        tables_changed = False
         for i, (seq, _) in enumerate(batch):
             p = seq.num_computed
-            ids.append(seq.token_ids[p])
-            pos.append(p)
-            lens.append(p + 1)
-            for g in (FULL, SLIDING) if has_sliding else (FULL,):
-                t = seq.block_tables[g]
-                slots[g].append(t[p // block_size] * block_size + p % block_size)
-                tables[g, i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        pad = bucket - b
-        self.input_ids[:bucket].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
-        self.positions[:bucket].copy_(torch.tensor(pos + [0] * pad), non_blocking=True)
-        self.seq_lens[:bucket].copy_(torch.tensor(lens + [1] * pad, dtype=torch.int32), non_blocking=True)
-        for g in (FULL, SLIDING):
-            col = slots[g] if slots[g] else [-1] * b
-            self.slots[g, :bucket].copy_(torch.tensor(col + [-1] * pad), non_blocking=True)
-        self.tables[:, :bucket].copy_(tables, non_blocking=True)
-        self.sampling.fill(params, seeds, [p + 1 for p in pos])
+            ids[i] = seq.token_ids[p]
+            pos[i] = p
+            blk, off = divmod(p, block_size)
+            full = seq.block_tables[FULL]
+            width = max(width, len(full))
+            for g in groups:
+                slots[g][i] = seq.block_tables[g][blk] * block_size + off
+            # a row's tables change when its sequence does, grows a block, or drops one out of
+            # the sliding window (-1); only then are they rewritten
+            key = (seq.seq_id, seq.num_preemptions, len(full), seq.block_tables[SLIDING].count(-1))
+            if keys[i] != key:
+                keys[i] = key
+                tables_changed = True
+                for g in groups:
+                    t = seq.block_tables[g]
+                    tables[g, i, : len(t)] = t
+        self.staged[:, :bucket].copy_(torch.tensor([ids, pos, slots[FULL], slots[SLIDING]]), non_blocking=True)
+        if tables_changed:
+            self.tables[:, :bucket, :width].copy_(torch.from_numpy(tables[:, :bucket, :width]), non_blocking=True)
+        if feed is not None and any(r >= 0 for r in feed):
+            src = torch.tensor(feed + [-1] * pad).to(self.input_ids.device, non_blocking=True)
+            fed = self.last_ids[:bucket].gather(0, src.clamp(min=0))
+            self.input_ids[:bucket] = torch.where(src >= 0, fed, self.input_ids[:bucket])
+        # the key holds the params objects, so an identity match cannot be a recycled id
+        key = self._sampling_key
+        if key is None or len(key[0]) != b or not all(map(operator.is_, key[0], params)) or key[1] != seeds:
+            self._sampling_key = (tuple(params), seeds)
+            self.sampling.fill(params, seeds, pos[:b])  # positions: set in the step
         if not self.use_graphs:
-            out = self._step(bucket)
+            out = self._step(bucket, logprobs, all(p.greedy for p in params))
         else:
             if bucket not in self.graphs:
                 self.graphs[bucket] = self._capture(bucket)
             graph, out = self.graphs[bucket]
             graph.replay()
-        sampled, logprobs, logits = (o[:b] for o in out)
+        sampled, lps, logits = (o[:b] for o in out)
         if candidate_count(params) is None:  # a row without a small top_k: the whole vocabulary
-            sampled, logprobs = device_sample(logits, self.sampling.rows(b), None)
-        return sampled, logprobs, logits
+            sampled, lps = device_sample(logits, self.sampling.rows(b), None, logprobs)
+        self.last_ids[:b].copy_(sampled, non_blocking=True)
+        return sampled, lps, logits
+
+
+class PendingStep:
+    """A launched decode step whose sampled ids the host has not read yet. The device-to-host
+    copy is queued behind the step; `result()` waits for it (by then the next step is queued)."""
+
+    def __init__(self, host: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor, n: int):
+        self.n = n
+        self.host = host
+        host[0, :n].copy_(tokens, non_blocking=True)
+        host[1, :n].copy_(logprobs, non_blocking=True)
+        self.event = None
+        if tokens.is_cuda:
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def result(self) -> list[tuple[int, float]]:
+        """-> [(token id, logprob)] in batch order."""
+        if self.event is not None:
+            self.event.synchronize()
+        ids, lps = self.host[:, : self.n].tolist()
+        return [(int(t), lp) for t, lp in zip(ids, lps)]
 
 
 class ModelRunner:
@@ -217,6 +271,10 @@ class ModelRunner:
         max_blocks = -(-max_model_len // plan.block_size)
         self._base_seed = random.getrandbits(64)
         self.decode = StaticDecode(self.model, self.kv_caches, max_num_seqs, max_blocks, use_cuda_graphs)
+        # two read-back buffers: launch N+1 fills one while the host still reads step N's
+        pin = self.device.type == "cuda"
+        self._readback = [torch.zeros((2, max_num_seqs), dtype=torch.float64, pin_memory=pin) for _ in range(2)]
+        self._flip = 0
         if use_cuda_graphs:
             self.decode.capture_all()
 
@@ -276,6 +334,32 @@ class ModelRunner:
             return seq.params.seed
         return (self._base_seed ^ (seq.seq_id * 0x9E3779B97F4A7C15)) & (2**64 - 1)
 
+    def can_decode(self, batch: list[tuple[Sequence, int]]) -> bool:
+        """Decodes only (one new token each, the last one), within the static buffers."""
+        width = 0
+        for seq, n in batch:
+            if n != 1 or seq.num_computed + 1 != len(seq.token_ids):
+                return False
+            width = max(width, len(seq.block_tables[FULL]))
+        return self.decode.fits(len(batch), width)
+
+    def can_launch(self, batch: list[tuple[Sequence, int]]) -> bool:
+        """Whether `launch` takes this batch: `can_decode`, and no row asking for top logprobs
+        (those read the step's logits, which the next step overwrites)."""
+        return self.can_decode(batch) and not any(seq.params.top_logprobs for seq, _ in batch)
+
+    @torch.inference_mode()
+    def launch(self, batch: list[tuple[Sequence, int]], feed: list[int]) -> PendingStep:
+        """One decode step, not waited for. feed[i] >= 0: sequence i's last token is still a
+        placeholder, and its value is row feed[i] of the previous launch's sampled ids (on the
+        device). The host reads this step's ids through the returned handle, one step later."""
+        seqs = [seq for seq, _ in batch]
+        params = [s.params for s in seqs]
+        tokens, token_lp, _ = self.decode.run(batch, self.block_size, self.has_sliding, params,
+                                              [self._seed(s) for s in seqs], any(p.logprobs for p in params), feed)
+        self._flip ^= 1
+        return PendingStep(self._readback[self._flip], tokens, token_lp, len(batch))
+
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]]) -> list[tuple[int, float | None, list[tuple[int, float]] | None]]:
         """One step. Returns, for each sequence that samples (in batch order),
@@ -287,18 +371,20 @@ class ModelRunner:
             return []
         params = [s.params for s in sampling]
         seeds = [self._seed(s) for s in sampling]
-        decode = all(n == 1 and seq.num_computed + 1 == len(seq.token_ids) for seq, n in batch)
-        if decode and self.decode.fits(len(batch), max(len(s.block_tables[FULL]) for s, _ in batch)):
-            tokens, token_lp, logits = self.decode.run(batch, self.block_size, self.has_sliding, params, seeds)
+        want_lp = any(p.logprobs for p in params)
+        if len(sampling) == len(batch) and self.can_decode(batch):
+            tokens, token_lp, logits = self.decode.run(batch, self.block_size, self.has_sliding, params, seeds, want_lp)
         else:
             ids, pos, meta, rows = self.prepare(batch)
             hidden = self.model.forward(ids, pos, meta, self.kv_caches)[rows]
             logits = self.model.logits(hidden)
             t = SamplingTensors.allocate(len(rows), self.device)
             t.fill(params, seeds, [len(s.token_ids) for s in sampling])
-            tokens, token_lp = device_sample(logits, t, candidate_count(params))
+            tokens, token_lp = device_sample(logits, t, candidate_count(params), want_lp, all(p.greedy for p in params))
         # the step's one read-back (ids < 2^53 are exact in float64)
         host = torch.stack((tokens.double(), token_lp.double())).tolist()
+        if not want_lp:
+            return [(int(t), None, None) for t in host[0]]
         out: list[tuple[int, float | None, list[tuple[int, float]] | None]] = []
         for i, s in enumerate(sampling):
             tok = int(host[0][i])

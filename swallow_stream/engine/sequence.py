@@ -12,6 +12,10 @@ from ..sampling import SamplingParams
 
 _ids = itertools.count()
 
+# A generated token the host has not read yet (one-step-late decoding): the last entry of
+# token_ids until the step's result is read; its value lives on the device.
+PENDING_TOKEN = -1
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
@@ -50,6 +54,7 @@ class Sequence:
         self.block_hashes: list[int] = []  # chained hashes of the full blocks computed so far
         self.generator: torch.Generator | None = None
         self.finish_reason: str | None = None
+        self.pending_row = -1  # row of the last launched step that sampled the PENDING_TOKEN
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -1,0 +1,156 @@
+"""Host cost of one decode step: the real engine with the model's forward replaced by fixed logits.
+
+Everything but the model runs as in serving: the engine thread (scheduler, block manager, batch
+building, the sampler over the full 201,088-token vocabulary, stop checks, event delivery) and one
+consumer thread per stream doing what `stream()` does (harmony parsing, detokenization). The
+forward returns a zero hidden state and the LM head a fixed logits tensor (a plain text token on
+top, so nothing stops), so what is left per step is what a GPU would wait for, plus the sampler.
+
+On CPU the sampler is device work too (on CUDA it runs inside the step's graph): it is timed where
+it runs, in the engine thread, and reported apart; "host" is the step minus the sampler.
+
+    .venv/bin/python benchmarks/host_overhead.py [--batches 1,16,64] [--repeats 5] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+
+TOKEN = 1000  # an ordinary text token: never a stop, never a harmony control token
+
+
+def fake_model(engine) -> None:
+    runner = engine.runner
+    model = runner.model
+    h = engine.config.hidden_size
+    rows = engine.engine_config.max_num_batched_tokens + engine.engine_config.max_num_seqs
+    hidden = torch.zeros(rows, h, dtype=model.dtype)
+    logits = torch.randn(engine.engine_config.max_num_seqs, engine.config.vocab_size, generator=torch.Generator().manual_seed(0))
+    logits[:, TOKEN] = logits.max() + 5.0
+
+    def forward(input_ids, positions, meta, kv_caches):
+        return hidden[: input_ids.shape[0]]
+
+    def lm_head(x):
+        return logits[: x.shape[0]]
+
+    model.forward = forward
+    model.logits = lm_head
+
+
+def measure(engine, clock, n: int, repeats: int, window: float, sampling: dict) -> list[tuple[float, float]]:
+    """-> [(seconds per step, of which in the sampler)] per repeat."""
+    from swallow_stream import stream
+
+    streams = [stream(f"Request {i}: say something.", model=engine, max_tokens=engine.max_model_len - 200, **sampling)
+               for i in range(n)]
+    stop = threading.Event()
+
+    def consume(s):
+        for _ in s:
+            if stop.is_set():
+                s.close()
+                return
+
+    threads = [threading.Thread(target=consume, args=(s,), daemon=True) for s in streams]
+    for t in threads:
+        t.start()
+    while sum(1 for s in streams if len(s.token_ids) > 0) < n:  # every prefill done
+        time.sleep(0.01)
+    time.sleep(window / 4)
+    per_step = []
+    for _ in range(repeats):
+        s0, c0, t0 = engine.counters.steps_total, clock.total, time.perf_counter()
+        time.sleep(window)
+        s1, c1, t1 = engine.counters.steps_total, clock.total, time.perf_counter()
+        steps = max(s1 - s0, 1)
+        per_step.append(((t1 - t0) / steps, (c1 - c0) / steps))
+    stop.set()
+    for t in threads:
+        t.join(30)
+    return per_step
+
+
+class SamplerClock:
+    """Wraps the runner's sampler to time it where it runs (the engine thread)."""
+
+    def __init__(self):
+        from swallow_stream.engine import model_runner
+
+        self.total = 0.0
+        inner = model_runner.device_sample
+
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            out = inner(*a, **kw)
+            self.total += time.perf_counter() - t0
+            return out
+
+        model_runner.device_sample = timed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--window", type=float, default=1.0, help="seconds per repeat")
+    ap.add_argument("--greedy", action="store_true", help="temperature 0 instead of Swallow's defaults")
+    ap.add_argument("--overlap", choices=["on", "off"], default=None, help="one-step-late decoding (default: the engine's)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    batches = [int(x) for x in args.batches.split(",")]
+
+    os.environ.setdefault("SWALLOW_STREAM_CACHE", tempfile.mkdtemp(prefix="swallow-host-"))
+    from swallow_stream.checkpoint import open_checkpoint, preset, write_checkpoint
+    from swallow_stream.engine import EngineOptions, LLMEngine
+
+    path = write_checkpoint(tempfile.mkdtemp(prefix="host-"), preset("tiny"), seed=0)
+    opts = dict(device="cpu", max_num_seqs=max(batches), max_model_len=8192, kv_cache_memory=1 << 30)
+    if args.overlap:
+        opts["overlap"] = args.overlap == "on"
+    engine = LLMEngine(open_checkpoint(path), EngineOptions(**opts), name="host")
+    sampling = {"temperature": 0} if args.greedy else {}  # else generation_config: 0.6 / 0.95 / top_k 20
+    # the runner is only touched by the engine thread; patching it before any request is safe
+    fake_model(engine)
+    clock = SamplerClock()
+    results = {}
+    for n in batches:
+        results[n] = measure(engine, clock, n, args.repeats, args.window, sampling)
+    vocab = engine.config.vocab_size
+    overlap = engine.engine_config.overlap
+    engine.shutdown()
+    out = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "sampling": "greedy" if args.greedy else "temperature 0.6, top_p 0.95, top_k 20",
+        "overlap": overlap,
+        "vocab": vocab,
+        "batches": {},
+    }
+    print(f"{out['machine']}  {out['date']}  sampling: {out['sampling']}  overlap: {overlap}  vocab {vocab}")
+    for n in batches:
+        step = statistics.median(x for x, _ in results[n])
+        samp = statistics.median(y for _, y in results[n])
+        host = statistics.median(x - y for x, y in results[n])
+        out["batches"][n] = {"step_us": step * 1e6, "sampler_us": samp * 1e6, "host_us": host * 1e6,
+                             "repeats_us": [[x * 1e6, y * 1e6] for x, y in results[n]]}
+        print(f"batch {n:3d}: step {step * 1e6:8.0f} us, of which the sampler over the vocabulary {samp * 1e6:7.0f} us, "
+              f"the rest (host) {host * 1e6:7.0f} us  (medians of {args.repeats}; steps "
+              f"{min(x for x, _ in results[n]) * 1e6:.0f}-{max(x for x, _ in results[n]) * 1e6:.0f} us)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
