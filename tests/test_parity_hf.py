@@ -72,6 +72,19 @@ def test_logprobs_and_greedy_match_transformers(checkpoint, make_engine):
     assert ref.exp().max(-1).values.mean() < 0.9
 
 
+def scored_by_hf(engine, hf, prompt_text: str, max_tokens: int):
+    """The engine's greedy continuation with its logprobs, and the oracle's log-softmax over the
+    same positions (teacher-forced): -> (prompt ids, out ids, our logprobs, oracle log-probs [n, V])."""
+    s = stream(prompt_text, model=engine, temperature=0, max_tokens=max_tokens, logprobs=True)
+    events = [ev for ev in s if ev.token_id is not None]
+    out_ids = [ev.token_id for ev in events]
+    prompt = s.prompt_token_ids
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt + out_ids])).logits[0].float()
+    ref = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
+    return prompt, out_ids, torch.tensor([ev.logprob for ev in events]), ref
+
+
 def _scale_tensor(path, name: str, factor: float) -> None:
     """Rescale one tensor of a written checkpoint in place (its shard rewritten)."""
     import json
@@ -97,17 +110,9 @@ def test_rms_norm_eps_on_small_activations_matches_transformers(tmp_path, make_e
     embed = hf.model.embed_tokens.weight
     assert embed.pow(2).mean() < 0.2 * cfg.rms_norm_eps  # the regime where eps matters
 
-    engine = make_engine(path)
-    s = stream("small activations", model=engine, temperature=0, max_tokens=8, logprobs=True)
-    events = [ev for ev in s if ev.token_id is not None]
-    out_ids = [ev.token_id for ev in events]
-    prompt = s.prompt_token_ids
-    with torch.no_grad():
-        logits = hf(torch.tensor([prompt + out_ids])).logits[0].float()
-    ref = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
+    _, out_ids, ours, ref = scored_by_hf(make_engine(path), hf, "small activations", 8)
     assert out_ids == ref.argmax(-1).tolist()
     ref_lp = ref.gather(1, torch.tensor(out_ids)[:, None])[:, 0]
-    ours = torch.tensor([ev.logprob for ev in events])
     assert torch.allclose(ours, ref_lp, atol=1e-3, rtol=0), (ours - ref_lp).abs().max()
 
 
@@ -119,15 +124,8 @@ def test_bf16_engine_against_the_fp32_oracle(checkpoint, make_engine):
     name, path, hf = checkpoint
     engine = make_engine(path, dtype="bfloat16", max_num_batched_tokens=64, block_size=16)
     assert engine.dtype == torch.bfloat16 and engine.runner.kv_caches[0][0].dtype == torch.bfloat16
-    s = stream(PROMPT, model=engine, temperature=0, max_tokens=24, logprobs=True)
-    events = [ev for ev in s if ev.token_id is not None]
-    out_ids = [ev.token_id for ev in events]
-    prompt = s.prompt_token_ids
-    with torch.no_grad():
-        logits = hf(torch.tensor([prompt + out_ids])).logits[0].float()
-    ref = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
+    prompt, out_ids, ours, ref = scored_by_hf(engine, hf, PROMPT, 24)
     ref_lp = ref.gather(1, torch.tensor(out_ids)[:, None])[:, 0]
-    ours = torch.tensor([ev.logprob for ev in events])
     err = (ours - ref_lp).abs()
     hf16 = transformers.GptOssForCausalLM.from_pretrained(
         path, dtype=torch.bfloat16, quantization_config=transformers.Mxfp4Config(dequantize=True),
