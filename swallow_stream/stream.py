@@ -19,10 +19,8 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterable, Iterator, Protocol, TypeVar
 
 from .errors import GenerationError, SwallowError
+from .harmony.tokens import ANSWER_CHANNELS
 
-# Channels whose text is the answer: the final message, and commentary with no recipient (a
-# preamble; tool calls are not supported, so commentary never carries one), as vLLM reports them.
-ANSWER_CHANNELS = ("final", "commentary")
 
 
 @dataclass(slots=True)

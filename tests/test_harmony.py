@@ -642,3 +642,10 @@ def test_malformed_sequences(tok):
     # Custom channel names pass through.
     p, pieces, _ = _feed_all(tok, [h.TOKEN_CHANNEL, *E("scratch"), h.TOKEN_MESSAGE, *E("z")])
     assert pieces[-1].channel == "scratch"
+
+
+def test_parse_completion_counts_a_preamble_as_answer(tok):
+    ids = ([h.TOKEN_CHANNEL, *tok.encode("commentary"), h.TOKEN_MESSAGE, *tok.encode("Let me look. "), h.TOKEN_END,
+            h.TOKEN_START, *tok.encode("assistant"), h.TOKEN_CHANNEL, *tok.encode("final"), h.TOKEN_MESSAGE,
+            *tok.encode("Done."), h.TOKEN_RETURN])
+    assert h.parse_completion(ids, tok) == ("", "Let me look. Done.")

@@ -8,7 +8,16 @@ import re
 from typing import NamedTuple, Sequence
 
 from .tokenizer import Tokenizer, get_tokenizer
-from .tokens import TOKEN_CALL, TOKEN_CHANNEL, TOKEN_CONSTRAIN, TOKEN_END, TOKEN_MESSAGE, TOKEN_RETURN, TOKEN_START
+from .tokens import (
+    ANSWER_CHANNELS,
+    TOKEN_CALL,
+    TOKEN_CHANNEL,
+    TOKEN_CONSTRAIN,
+    TOKEN_END,
+    TOKEN_MESSAGE,
+    TOKEN_RETURN,
+    TOKEN_START,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +58,7 @@ class HarmonyStreamParser:
     next token completes them; bytes that cannot become valid UTF-8 turn into U+FFFD. A character
     left incomplete when its message or the generation ends is dropped.
 
-    `reasoning` / `answer` accumulate the text of analysis / final messages;
+    `reasoning` / `answer` accumulate the text of analysis / answer (final, preamble) messages;
     `reasoning_tokens` counts pieces on the analysis channel.
     """
 
@@ -95,8 +104,8 @@ class HarmonyStreamParser:
     def _emit(self, text: str, channel: str | None) -> None:
         if channel == "analysis":
             self._reasoning.append(text)
-        elif channel == "final":
-            self._answer.append(text)
+        elif channel in ANSWER_CHANNELS and not (channel == "commentary" and self.recipient):
+            self._answer.append(text)  # a preamble; commentary to a recipient is a tool call
 
     def _stream(self, data: bytes, channel: str | None) -> str:
         self._text_channel = channel

@@ -39,3 +39,8 @@ NAMED_SPECIALS = {
 
 def special_name(token_id: int) -> str:
     return NAMED_SPECIALS.get(token_id) or f"<|reserved_{token_id}|>"
+
+
+# Channels whose text is the answer: the final message, and commentary with no recipient (a
+# preamble; tool calls are not supported, so commentary never carries one), as vLLM reports them.
+ANSWER_CHANNELS = ("final", "commentary")
