@@ -11,6 +11,16 @@ from ._common import ACT_DTYPES, check, check_device, check_dtype, next_pow2
 
 
 @triton.jit
+def _cos_sin_row(pos_ptr, cos_ptr, sin_ptr, t, HALF: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Token t's cos and sin rows [1, BLOCK_D] (fp32, zero past HALF), shared by all its heads."""
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)[None, :]
+    c = tl.load(cos_ptr + pos * HALF + d, mask=d < HALF, other=0.0)
+    s = tl.load(sin_ptr + pos * HALF + d, mask=d < HALF, other=0.0)
+    return c, s
+
+
+@triton.jit
 def _rotate_heads(src_ptr, dst_ptr, t, dst_row, stride_t, stride_h, n_heads, c, s,
                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     # src row t of [T, heads, 2*HALF]; dst row `dst_row` of a contiguous [rows, heads, 2*HALF];
@@ -42,10 +52,7 @@ def rope_kernel(
 ):
     # One token per program; all its q and k heads share one cos/sin row.
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    d = tl.arange(0, BLOCK_D)[None, :]
-    c = tl.load(cos_ptr + pos * HALF + d, mask=d < HALF, other=0.0)
-    s = tl.load(sin_ptr + pos * HALF + d, mask=d < HALF, other=0.0)
+    c, s = _cos_sin_row(pos_ptr, cos_ptr, sin_ptr, t, HALF, BLOCK_D)
     _rotate_heads(q_ptr, q_out_ptr, t, t, stride_qt, stride_qh, HQ, c, s, HALF, BLOCK_HQ, BLOCK_D)
     _rotate_heads(k_ptr, k_out_ptr, t, t, stride_kt, stride_kh, HK, c, s, HALF, BLOCK_HK, BLOCK_D)
 
@@ -97,10 +104,7 @@ def rope_store_kv_kernel(
     # One token per program: rotate its q heads (to q_out) and k heads (straight into the cache),
     # copy its v heads into the cache. The rotated k never goes through global memory otherwise.
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    d = tl.arange(0, BLOCK_D)[None, :]
-    c = tl.load(cos_ptr + pos * HALF + d, mask=d < HALF, other=0.0)
-    s = tl.load(sin_ptr + pos * HALF + d, mask=d < HALF, other=0.0)
+    c, s = _cos_sin_row(pos_ptr, cos_ptr, sin_ptr, t, HALF, BLOCK_D)
     _rotate_heads(q_ptr, q_out_ptr, t, t, stride_qt, stride_qh, HQ, c, s, HALF, BLOCK_HQ, BLOCK_D)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
