@@ -148,6 +148,9 @@ class BatchMeta:
     seq_lens: torch.Tensor  # [B] int32, context length after this step
     full: CacheGroupMeta
     sliding: CacheGroupMeta | None
+    # (query_start_loc, seq_lens) as host integers when the batch builder has them (prefill and
+    # mixed steps): the torch attention reads these instead of syncing. None in captured decode.
+    host_lens: tuple[list[int], list[int]] | None = None
 
 
 class GptOss:
@@ -200,6 +203,7 @@ class GptOss:
                 layer.sinks,
                 layer.window,
                 cfg.attention_scale,
+                host_lens=meta.host_lens,
             )
             x = F.linear(o.reshape(t, hq * d), layer.o_weight, layer.o_bias)
             h, residual = ops.rms_norm(x, layer.post_norm, cfg.rms_norm_eps, residual)

@@ -319,6 +319,7 @@ class ModelRunner:
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
             full=full,
             sliding=sliding,
+            host_lens=(qsl, seq_lens),
         )
         return (
             torch.tensor(ids, dtype=torch.int64, device=dev),

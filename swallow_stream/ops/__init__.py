@@ -67,7 +67,7 @@ def _prepare_experts_triton(w: ExpertWeights) -> None:
 
 def _experts_partial_triton(x: torch.Tensor, expert_weights: torch.Tensor, expert_ids: torch.Tensor, w: ExpertWeights,
                             swiglu_limit: float) -> torch.Tensor:
-    if not w.quantized:  # dense (bf16) experts: one GEMM pair per active expert
+    if not w.quantized:  # dense (bf16) experts (--keep-dense-experts): the torch op, graph-safe off the CPU
         return reference.experts_partial(x, expert_weights, expert_ids, w, swiglu_limit)
     _prepare_experts_triton(w)
     from swallow_kernels.ops import experts_partial
@@ -85,6 +85,14 @@ def _experts_triton(x: torch.Tensor, expert_weights: torch.Tensor, expert_ids: t
     return experts(x, expert_weights, expert_ids, w.packed, swiglu_limit)
 
 
+def _attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, sinks, window, scale,
+                      host_lens=None) -> torch.Tensor:
+    from swallow_kernels.ops import attention
+
+    # the kernel reads the lengths on the device: host_lens is the torch loop's alone
+    return attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, sinks, window, scale)
+
+
 @functools.cache
 def triton_ops() -> OpSet:
     from swallow_kernels import ops as k
@@ -94,7 +102,7 @@ def triton_ops() -> OpSet:
         rms_norm=k.rms_norm,
         rope=k.rope,
         store_kv=k.store_kv,
-        attention=k.attention,
+        attention=_attention_triton,
         route=k.route,
         experts=_experts_triton,
         rope_store_kv=k.rope_store_kv,

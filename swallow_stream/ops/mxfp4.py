@@ -17,9 +17,14 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
         raise TypeError(f"MXFP4 blocks/scales must be uint8, got {blocks.dtype}/{scales.dtype}")
     if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != 16:
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}")
-    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
-    lo = lut[(blocks & 0x0F).long()]
-    hi = lut[(blocks >> 4).long()]
-    vals = torch.stack((lo, hi), dim=-1).flatten(-2)  # [..., out, in/32, 32]
-    vals = torch.ldexp(vals, (scales.to(torch.int32) - 127).unsqueeze(-1).float())
-    return vals.flatten(-2).to(dtype)
+    # E2M1 nibble: sign bit 3, exponent bits 1-2, mantissa bit 0; exponent 0 is subnormal
+    # (m * 0.5), else (2 + m) * 2**(e-2). Decoded with integer ops, no lookup table: no host
+    # tensor to copy, so it can run inside a CUDA graph.
+    nib = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).to(torch.int32)  # [..., out, in/32, 16, 2]
+    e = (nib >> 1) & 3
+    m = nib & 1
+    mant = torch.where(e == 0, m, m + 2).float()
+    exp = torch.where(e == 0, -1, e - 2) + (scales.to(torch.int32) - 127)[..., None, None]
+    vals = torch.ldexp(mant, exp.float())
+    vals = torch.where(nib >= 8, -vals, vals)
+    return vals.flatten(-3).to(dtype)

@@ -5,6 +5,7 @@ Token-major layout throughout: a step's tokens from all sequences are flattened 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,18 @@ class ExpertWeights:
     @property
     def num_experts(self) -> int:
         return self.gate_up_bias.shape[0]
+
+    def gather(self, ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """Experts `ids` [C] (a device tensor) -> gate_up [C, 2I, H], its bias [C, 1, 2I], down
+        [C, H, I], its bias [C, 1, H]: weights in `dtype`, biases fp32. No read back."""
+        if self.dequantized is not None:
+            gate_up, down = self.dequantized[0][ids].to(dtype), self.dequantized[1][ids].to(dtype)
+        elif self.quantized:
+            gate_up = dequantize_mxfp4(self.gate_up_blocks[ids], self.gate_up_scales[ids], dtype)
+            down = dequantize_mxfp4(self.down_blocks[ids], self.down_scales[ids], dtype)
+        else:
+            gate_up, down = self.gate_up[ids].transpose(1, 2).to(dtype), self.down[ids].transpose(1, 2).to(dtype)
+        return gate_up, self.gate_up_bias[ids].float().unsqueeze(1), down, self.down_bias[ids].float().unsqueeze(1)
 
     def gate_up_weight(self, e: int, dtype: torch.dtype) -> torch.Tensor:
         """Expert e's gate_up as [2I, H]."""
@@ -109,11 +122,23 @@ def store_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """Write k, v [T, Hk, D] into the paged caches [num_blocks, block_size, Hk, D] at flat slots
-    (block * block_size + offset); slot -1 means "do not store"."""
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+    (block * block_size + offset); slot -1 means "do not store".
+
+    No data-dependent shapes (no host sync on CUDA, capturable in a graph): a skipped row is
+    written too, to the slot of the kept row with the largest slot and with that row's values,
+    so every slot written gets one value; when no row is kept, slot 0 gets its own old value."""
+    t = slot_mapping.shape[0]
+    if t == 0:
+        return
+    slots = slot_mapping.long()
+    keep = slots >= 0
+    stand_in = torch.argmax(slots).view(1)  # a kept row when there is one ([1]: a 0-d index would read back)
+    target = torch.where(keep, slots, slots[stand_in].clamp(min=0))
+    rows = torch.where(keep, torch.arange(t, device=slots.device), stand_in)
+    any_kept = keep.any()
+    for new, cache in ((k, k_cache), (v, v_cache)):
+        flat = cache.view(-1, *cache.shape[2:])
+        flat[target] = torch.where(any_kept, new[rows].to(cache.dtype), flat[target])
 
 
 def rope_store_kv(
@@ -126,6 +151,50 @@ def rope_store_kv(
     return q
 
 
+def _reads_are_free(t: torch.Tensor) -> bool:
+    """Reading a small tensor back to the host costs nothing on CPU; elsewhere it waits for the
+    device and cannot be captured in a CUDA graph."""
+    return t.device.type == "cpu"
+
+
+# Elements of one gathered key (or value) chunk in the batched decode path: 64 MiB in fp32.
+_DECODE_CHUNK_ELEMENTS = 1 << 24
+
+
+def _attend(state, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float):
+    """One online-softmax step over a chunk of keys. q [..., L, Hk, G, D], k/v [..., S, Hk, D] fp32,
+    visible [..., L, S] bool; state (max, sum, acc) [..., Hk, G, L] x2 and [..., Hk, G, L, D]."""
+    m, l, acc = state
+    scores = torch.einsum("...lhgd,...shd->...hgls", q, k) * scale
+    scores = scores.masked_fill(~visible.unsqueeze(-3).unsqueeze(-3), float("-inf"))
+    m_new = torch.maximum(m, scores.amax(-1))  # finite: the state starts at the sink logit
+    alpha = torch.exp(m - m_new)
+    p = torch.exp(scores - m_new.unsqueeze(-1))
+    acc = acc * alpha.unsqueeze(-1) + torch.einsum("...hgls,...shd->...hgld", p, v)
+    return m_new, l * alpha + p.sum(-1), acc
+
+
+def _sink_state(sinks: torch.Tensor, lead: tuple[int, ...], hk: int, queries: int, d: int):
+    """Softmax state before any key: the sink is a logit with no value vector."""
+    g = sinks.shape[0] // hk
+    m = sinks.float().view(hk, g, 1).expand(*lead, hk, g, queries)
+    return m, torch.ones_like(m), torch.zeros(*m.shape, d, dtype=torch.float32, device=sinks.device)
+
+
+def _finish(state) -> torch.Tensor:
+    """-> [..., L, Hk, G, D] fp32."""
+    _, l, acc = state
+    return (acc / l.unsqueeze(-1)).movedim(-2, -4)
+
+
+def _visible(qpos: torch.Tensor, kpos: torch.Tensor, window: int) -> torch.Tensor:
+    """qpos [..., L, 1], kpos [..., 1, S] -> [..., L, S]: causal, within the window."""
+    visible = kpos <= qpos
+    if window:
+        visible &= kpos > qpos - window
+    return visible
+
+
 def attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -136,22 +205,29 @@ def attention(
     sinks: torch.Tensor,
     window: int,
     scale: float,
+    host_lens: tuple[Sequence[int], Sequence[int]] | None = None,
 ) -> torch.Tensor:
     """Causal paged attention with learned sinks and an optional sliding window.
 
     q [T, Hq, D]; caches [num_blocks, block_size, Hk, D] already holding this step's keys;
     block_tables [B, max_blocks] int32 (entries a sequence no longer needs may be -1);
-    seq_lens [B] context length after this step; query_start_loc [B+1] into T.
-    Query j of sequence b sits at position seq_lens[b] - q_len_b + j and sees key k iff
-    k <= pos and (window == 0 or k > pos - window). Each head's softmax denominator also
+    seq_lens [B] context length after this step; query_start_loc [B+1] into T; every sequence has
+    at least one query. Query j of sequence b sits at position seq_lens[b] - q_len_b + j and sees
+    key k iff k <= pos and (window == 0 or k > pos - window). Each head's softmax denominator also
     holds exp(sinks[h]) (no value vector). Returns [T, Hq, D] in q's dtype.
+
+    host_lens: (query_start_loc, seq_lens) as host integers, when the caller has them. With them,
+    or on CPU, each sequence is attended over exactly its context. Without them on a device, a
+    decode batch (T == B) is attended all at once over the block tables' width, in chunks, with
+    no read back to the host (CUDA-graph capturable).
     """
     t, hq, d = q.shape
+    if host_lens is None and not _reads_are_free(q) and t == block_tables.shape[0]:
+        return _attention_decode(q, k_cache, v_cache, block_tables, seq_lens, sinks, window, scale)
     hk = k_cache.shape[2]
     bs = k_cache.shape[1]
     out = torch.empty_like(q)
-    qsl = query_start_loc.tolist()
-    lens = seq_lens.tolist()
+    qsl, lens = host_lens if host_lens is not None else (query_start_loc.tolist(), seq_lens.tolist())
     for b, seq_len in enumerate(lens):
         q0, q1 = qsl[b], qsl[b + 1]
         if q1 == q0:
@@ -161,19 +237,35 @@ def attention(
         kk = k_cache[blocks].reshape(-1, hk, d)[:seq_len].float()  # [S, Hk, D]
         vv = v_cache[blocks].reshape(-1, hk, d)[:seq_len].float()
         qq = q[q0:q1].float().view(q1 - q0, hk, hq // hk, d)  # [L, Hk, G, D]
-        scores = torch.einsum("lhgd,shd->hgls", qq, kk) * scale  # [Hk, G, L, S]
         qpos = torch.arange(seq_len - (q1 - q0), seq_len, device=q.device)
         kpos = torch.arange(seq_len, device=q.device)
-        visible = kpos[None, :] <= qpos[:, None]
-        if window:
-            visible &= kpos[None, :] > qpos[:, None] - window
-        scores = scores.masked_fill(~visible, float("-inf"))
-        sink = sinks.float().view(hk, hq // hk, 1, 1).expand(hk, hq // hk, q1 - q0, 1)
-        logits = torch.cat((scores, sink), dim=-1)
-        probs = torch.softmax(logits, dim=-1)[..., :-1]
-        o = torch.einsum("hgls,shd->lhgd", probs, vv)
-        out[q0:q1] = o.reshape(q1 - q0, hq, d).to(q.dtype)
+        state = _attend(_sink_state(sinks, (), hk, q1 - q0, d), qq, kk, vv,
+                        _visible(qpos[:, None], kpos[None, :], window), scale)
+        out[q0:q1] = _finish(state).reshape(q1 - q0, hq, d).to(q.dtype)
     return out
+
+
+def _attention_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    seq_lens: torch.Tensor, sinks: torch.Tensor, window: int, scale: float,
+) -> torch.Tensor:
+    """`attention` for one query a sequence (q [B, Hq, D]), static shapes only: keys are gathered
+    for the whole table width, a chunk of blocks at a time (online softmax), and masked by each
+    row's position (seq_lens - 1). Work grows with the width, not with the true context."""
+    b, hq, d = q.shape
+    hk, bs = k_cache.shape[2], k_cache.shape[1]
+    width = block_tables.shape[1]
+    chunk = max(1, _DECODE_CHUNK_ELEMENTS // (b * bs * hk * d))  # blocks a chunk
+    qq = q.float().view(b, 1, hk, hq // hk, d)
+    qpos = (seq_lens.long() - 1).view(b, 1, 1)
+    state = _sink_state(sinks, (b,), hk, 1, d)
+    for c0 in range(0, width, chunk):
+        blocks = block_tables[:, c0 : c0 + chunk].long().clamp(min=0)  # [B, C]
+        kk = k_cache[blocks].flatten(1, 2).float()  # [B, C*bs, Hk, D]
+        vv = v_cache[blocks].flatten(1, 2).float()
+        kpos = torch.arange(c0 * bs, c0 * bs + kk.shape[1], device=q.device).view(1, 1, -1)
+        state = _attend(state, qq, kk, vv, _visible(qpos, kpos, window), scale)
+    return _finish(state).reshape(b, hq, d).to(q.dtype)
 
 
 def route(
@@ -198,6 +290,16 @@ def swiglu_clamped(gate_up: torch.Tensor, limit: float) -> torch.Tensor:
     return gate * torch.sigmoid(SWIGLU_ALPHA * gate) * (up + 1)
 
 
+def _expert_mlp(x: torch.Tensor, gate_up: torch.Tensor, gate_up_bias: torch.Tensor, down: torch.Tensor,
+                down_bias: torch.Tensor, swiglu_limit: float) -> torch.Tensor:
+    """down(swiglu(x gate_up^T + b1)) + b2 in fp32 for one expert or a batch of them:
+    x [..., N, H]; gate_up [..., 2I, H]; down [..., H, I]; biases [..., 1, 2I] / [..., 1, H] fp32.
+    The products run in the weights' dtype (fp32 accumulation), the epilogues in fp32."""
+    gu = torch.matmul(x.to(gate_up.dtype), gate_up.transpose(-1, -2)).float() + gate_up_bias
+    act = swiglu_clamped(gu, swiglu_limit).to(down.dtype)
+    return torch.matmul(act, down.transpose(-1, -2)).float() + down_bias
+
+
 def experts_partial(
     x: torch.Tensor,
     expert_weights: torch.Tensor,
@@ -207,7 +309,13 @@ def experts_partial(
 ) -> torch.Tensor:
     """Mixture of experts, unreduced. x [T, H]; expert_weights [T, k] fp32; expert_ids [T, k].
     y[t, j] = weight[t,j] * (down_e(swiglu(gate_up_e(x[t]) + b1_e)) + b2_e), e = ids[t,j]:
-    fp32 [T, k, H]. Only the experts some token chose are dequantized."""
+    fp32 [T, k, H]. Only the experts some token chose are dequantized.
+
+    On CPU the (token, slot) pairs are grouped by expert with the counts read back (free there)
+    and each chosen expert runs on exactly its tokens, in fp32. Elsewhere `_experts_static`
+    avoids any read back."""
+    if not _reads_are_free(x):
+        return _experts_static(x, expert_weights, expert_ids, w, swiglu_limit)
     t, h = x.shape
     k = expert_ids.shape[1]
     flat = expert_ids.reshape(-1).long()  # [T*k] (token, slot) pairs
@@ -221,13 +329,52 @@ def experts_partial(
         if n == 0:
             continue
         seg = slice(start, start + n)
-        gu = torch.addmm(w.gate_up_bias[e].float(), xs[seg], w.gate_up_weight(e, torch.float32).t())
-        ys[seg] = torch.addmm(w.down_bias[e].float(), swiglu_clamped(gu, swiglu_limit), w.down_weight(e, torch.float32).t())
+        ys[seg] = _expert_mlp(xs[seg], w.gate_up_weight(e, torch.float32), w.gate_up_bias[e : e + 1].float(),
+                              w.down_weight(e, torch.float32), w.down_bias[e : e + 1].float(), swiglu_limit)
         start += n
     ys *= expert_weights.reshape(-1)[order].unsqueeze(1)
     y = torch.empty_like(ys)
     y[order] = ys
     return y.view(t, k, h)
+
+
+# Weight elements of the experts one chunk of `_experts_static` gathers (256 MiB in fp32).
+_STATIC_CHUNK_ELEMENTS = 1 << 26
+
+
+def _experts_static(
+    x: torch.Tensor, expert_weights: torch.Tensor, expert_ids: torch.Tensor, w: ExpertWeights, swiglu_limit: float,
+) -> torch.Tensor:
+    """`experts_partial` with static shapes only (no host sync on CUDA, capturable in a graph).
+
+    The U = min(E, T*k) slots of distinct chosen experts are found on the device (sorted ids, first
+    occurrences; spare slots hold E, past every real id). A token picks an expert at most once, so
+    each slot's expert runs on all T tokens, a few slots at a time, and a (token, slot) pair takes
+    the one row whose expert it chose. Decode (T*k <= E) gathers just the chosen experts; a large
+    T spends E/k times the needed FLOPs: a fallback, where the Triton kernels are unavailable.
+    Products run in x's dtype (bf16 on GPUs), not fp32."""
+    t, h = x.shape
+    k = expert_ids.shape[1]
+    e = w.num_experts
+    u = min(e, t * k)
+    ids = expert_ids.long()
+    sorted_ids = ids.reshape(-1).sort().values
+    first = torch.ones_like(sorted_ids, dtype=torch.bool)
+    first[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    slot = first.long().cumsum(0) - 1
+    chosen = torch.full((u,), e, dtype=torch.long, device=x.device).scatter_(0, slot, sorted_ids)  # [U]
+    inter = w.gate_up_bias.shape[1] // 2
+    per_expert = 3 * inter * h
+    chunk = max(1, _STATIC_CHUNK_ELEMENTS // per_expert)
+    dtype = x.dtype
+    y = torch.zeros(t, k, h, dtype=torch.float32, device=x.device)
+    for c0 in range(0, u, chunk):
+        ex = chosen[c0 : c0 + chunk]
+        real = ex.clamp(max=e - 1)  # spare slots run the last expert; no pair takes their rows
+        out = _expert_mlp(x, *w.gather(real, dtype), swiglu_limit)  # [C, T, H]
+        take = ids.unsqueeze(0) == ex.view(-1, 1, 1)  # [C, T, k]: at most one true over C per pair
+        y += torch.where(take.unsqueeze(-1), out.unsqueeze(2), 0.0).sum(0)
+    return y * expert_weights.unsqueeze(-1)
 
 
 def experts(
