@@ -20,7 +20,7 @@ from swallow_stream.model import BatchMeta, CacheGroupMeta, GptOss, ModelWeights
 from swallow_stream.ops import TORCH_OPS, reference
 from swallow_stream.ops.reference import ExpertWeights
 
-from attention_cases import make_batch
+from attention_cases import CASES, make_batch
 
 DECODE = {"short": [1, 17, 150], "one": [5], "equal": [33, 33, 33, 33]}
 
@@ -37,6 +37,16 @@ def test_decode_attention_without_host_reads_matches_per_sequence(monkeypatch, d
     ref = reference.attention(q, kc, vc, tables, sl, qsl, sinks, window, 0.25)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("score_elements", [1 << 26, 1])  # the whole context at once; one key a chunk
+@pytest.mark.parametrize("case", ["prefill", "chunked-prefill", "mixed"])
+def test_attention_key_chunks_agree(monkeypatch, score_elements, case):
+    """The per-sequence path's key chunks (online softmax) give what one softmax does."""
+    q, kc, vc, tables, sl, qsl, sinks = make_batch(*CASES[case], 4, 2, 16, 4, 24, torch.float32, "cpu")
+    whole = reference.attention(q, kc, vc, tables, sl, qsl, sinks, 24, 0.25)
+    monkeypatch.setattr(reference, "_SCORE_ELEMENTS", score_elements)
+    torch.testing.assert_close(reference.attention(q, kc, vc, tables, sl, qsl, sinks, 24, 0.25), whole)
 
 
 def test_attention_reads_host_lens_when_given():

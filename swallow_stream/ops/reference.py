@@ -159,6 +159,9 @@ def _reads_are_free(t: torch.Tensor) -> bool:
 
 # Elements of one gathered key (or value) chunk in the batched decode path: 64 MiB in fp32.
 _DECODE_CHUNK_ELEMENTS = 1 << 24
+# Elements of one chunk's attention scores in the per-sequence path (a long prefill chunk against a
+# long context): 256 MiB in fp32.
+_SCORE_ELEMENTS = 1 << 26
 
 
 def _attend(state, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float):
@@ -237,10 +240,12 @@ def attention(
         kk = k_cache[blocks].reshape(-1, hk, d)[:seq_len].float()  # [S, Hk, D]
         vv = v_cache[blocks].reshape(-1, hk, d)[:seq_len].float()
         qq = q[q0:q1].float().view(q1 - q0, hk, hq // hk, d)  # [L, Hk, G, D]
-        qpos = torch.arange(seq_len - (q1 - q0), seq_len, device=q.device)
-        kpos = torch.arange(seq_len, device=q.device)
-        state = _attend(_sink_state(sinks, (), hk, q1 - q0, d), qq, kk, vv,
-                        _visible(qpos[:, None], kpos[None, :], window), scale)
+        qpos = torch.arange(seq_len - (q1 - q0), seq_len, device=q.device)[:, None]
+        state = _sink_state(sinks, (), hk, q1 - q0, d)
+        step = max(1, _SCORE_ELEMENTS // ((q1 - q0) * hq))  # keys a chunk: scores [Hq, L, keys] bounded
+        for s0 in range(0, seq_len, step):
+            kpos = torch.arange(s0, min(s0 + step, seq_len), device=q.device)[None, :]
+            state = _attend(state, qq, kk[s0 : s0 + step], vv[s0 : s0 + step], _visible(qpos, kpos, window), scale)
         out[q0:q1] = _finish(state).reshape(q1 - q0, hq, d).to(q.dtype)
     return out
 
@@ -372,8 +377,9 @@ def _experts_static(
         ex = chosen[c0 : c0 + chunk]
         real = ex.clamp(max=e - 1)  # spare slots run the last expert; no pair takes their rows
         out = _expert_mlp(x, *w.gather(real, dtype), swiglu_limit)  # [C, T, H]
-        take = ids.unsqueeze(0) == ex.view(-1, 1, 1)  # [C, T, k]: at most one true over C per pair
-        y += torch.where(take.unsqueeze(-1), out.unsqueeze(2), 0.0).sum(0)
+        for j in range(k):
+            take = (ids[:, j] == ex.view(-1, 1)).unsqueeze(-1)  # [C, T, 1]: one true over C at most
+            y[:, j] += torch.where(take, out, 0.0).sum(0)
     return y * expert_weights.unsqueeze(-1)
 
 
