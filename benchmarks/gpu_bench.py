@@ -355,6 +355,29 @@ def bench_preset(name, args, device, copy_gbs, peak_tflops, results, checks):
                 torch.cuda.synchronize()
             print(f"[{name}] decode step, batch 1: per-kernel CUDA time")
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+        if b == 1 and device.type == "cuda":
+            # The torch ops' decode step (GPUs without usable Triton): captured in a CUDA graph
+            # (it must not read back to the host), and agreeing with the kernels' logits.
+            fallback = GptOss(cfg, w, TORCH_OPS, max_positions=max(args.context, args.prefill) + 8)
+            torch_logits = lambda: fallback.logits(fallback.forward(bt.input_ids, bt.positions, bt.meta, caches))  # noqa: E731
+            ref = model.logits(model.forward(bt.input_ids, bt.positions, bt.meta, caches))
+            check("torch-ops decode logits", torch_logits(), ref, 5e-2)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                torch_logits()
+                torch.cuda.synchronize()
+                with torch.cuda.graph(graph):
+                    captured = torch_logits()
+                graph.replay()
+                check("torch-ops decode, CUDA graph", captured, ref, 5e-2)
+            except Exception as exc:  # noqa: BLE001 - recorded as a failed check
+                checks.append({"preset": name, "check": "torch-ops decode, CUDA graph", "rel_err": None, "ok": False,
+                               "error": repr(exc)[:300]})
+                print(f"[{name}] check torch-ops decode, CUDA graph: FAIL {exc!r}"[:400])
+            del graph, fallback
+            ms_torch = timed(torch_logits, device, iters=3)
+            results.append({"preset": name, "kernel": "torch-ops decode step", "shape": f"batch=1 ctx={args.context}",
+                            "ms": ms_torch, "metric": "tok/s", "value": 1e3 / ms_torch, "ceiling": None, "pct": None})
         roof = decode_bytes(cfg, b, args.context)
         roof_ms = roof["weights"] / (copy_gbs * 1e6)
         results.append({"preset": name, "kernel": "model decode step", "shape": f"batch={b} ctx={args.context}", "ms": ms,
