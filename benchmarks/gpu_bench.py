@@ -332,7 +332,22 @@ def bench_preset(name, args, device, copy_gbs, peak_tflops, results, checks):
 
     del rot, packed0
     # -- whole model -------------------------------------------------------------------------
-    model = GptOss(cfg, w, TRITON_OPS, max_positions=max(args.context, args.prefill) + 8)
+    max_pos = max(args.context, args.prefill) + 8
+    if device.type == "cuda":  # first: the kernels' model releases the HF-layout experts it repacks
+        fallback = torch_ops_decode(cfg, w, args.context, device, dtype, max_pos)
+    model = GptOss(cfg, w, TRITON_OPS, max_positions=max_pos)
+    if device.type == "cuda":
+        bt1, caches1, eager, captured, ms_torch, error = fallback
+        ref = model.logits(model.forward(bt1.input_ids, bt1.positions, bt1.meta, caches1))
+        check("torch-ops decode logits", eager, ref, 5e-2)
+        if captured is None:
+            checks.append({"preset": name, "check": "torch-ops decode, CUDA graph", "rel_err": None, "ok": False, "error": error})
+            print(f"[{name}] check torch-ops decode, CUDA graph: FAIL {error}")
+        else:
+            check("torch-ops decode, CUDA graph", captured, ref, 5e-2)
+            results.append({"preset": name, "kernel": "torch-ops decode step", "shape": f"batch=1 ctx={args.context}",
+                            "ms": ms_torch, "metric": "tok/s", "value": 1e3 / ms_torch, "ceiling": None, "pct": None})
+        del fallback, bt1, caches1, eager, captured, ref
     swallow = build_sampling_params(GenerationDefaults(temperature=0.6, top_p=0.95, top_k=20, min_p=0.0))
     for b in args.batches:
         bt = Batch(cfg, b, 1, args.context, device)
@@ -355,29 +370,6 @@ def bench_preset(name, args, device, copy_gbs, peak_tflops, results, checks):
                 torch.cuda.synchronize()
             print(f"[{name}] decode step, batch 1: per-kernel CUDA time")
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
-        if b == 1 and device.type == "cuda":
-            # The torch ops' decode step (GPUs without usable Triton): captured in a CUDA graph
-            # (it must not read back to the host), and agreeing with the kernels' logits.
-            fallback = GptOss(cfg, w, TORCH_OPS, max_positions=max(args.context, args.prefill) + 8)
-            torch_logits = lambda: fallback.logits(fallback.forward(bt.input_ids, bt.positions, bt.meta, caches))  # noqa: E731
-            ref = model.logits(model.forward(bt.input_ids, bt.positions, bt.meta, caches))
-            check("torch-ops decode logits", torch_logits(), ref, 5e-2)
-            graph = torch.cuda.CUDAGraph()
-            try:
-                torch_logits()
-                torch.cuda.synchronize()
-                with torch.cuda.graph(graph):
-                    captured = torch_logits()
-                graph.replay()
-                check("torch-ops decode, CUDA graph", captured, ref, 5e-2)
-            except Exception as exc:  # noqa: BLE001 - recorded as a failed check
-                checks.append({"preset": name, "check": "torch-ops decode, CUDA graph", "rel_err": None, "ok": False,
-                               "error": repr(exc)[:300]})
-                print(f"[{name}] check torch-ops decode, CUDA graph: FAIL {exc!r}"[:400])
-            del graph, fallback
-            ms_torch = timed(torch_logits, device, iters=3)
-            results.append({"preset": name, "kernel": "torch-ops decode step", "shape": f"batch=1 ctx={args.context}",
-                            "ms": ms_torch, "metric": "tok/s", "value": 1e3 / ms_torch, "ceiling": None, "pct": None})
         roof = decode_bytes(cfg, b, args.context)
         roof_ms = roof["weights"] / (copy_gbs * 1e6)
         results.append({"preset": name, "kernel": "model decode step", "shape": f"batch={b} ctx={args.context}", "ms": ms,
@@ -392,6 +384,34 @@ def bench_preset(name, args, device, copy_gbs, peak_tflops, results, checks):
     del caches, model, w
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def torch_ops_decode(cfg, w, context, device, dtype, max_pos):
+    """The torch ops' decode step at batch 1 (the fallback on GPUs without usable Triton): its
+    logits eagerly, then captured in a CUDA graph (it must never read back to the host) and
+    replayed, and its time. -> (batch, caches, eager, captured or None, ms, error)."""
+    from swallow_stream.model import GptOss
+    from swallow_stream.ops import TORCH_OPS
+
+    model = GptOss(cfg, w, TORCH_OPS, max_positions=max_pos)
+    bt = Batch(cfg, 1, 1, context, device)
+    caches = [(bt.cache(dtype, device, 0.5), bt.cache(dtype, device)) for _ in range(cfg.num_hidden_layers)]
+
+    def step():
+        return model.logits(model.forward(bt.input_ids, bt.positions, bt.meta, caches))
+
+    eager = step()
+    torch.cuda.synchronize()
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step()
+        graph.replay()
+        torch.cuda.synchronize()
+    except Exception as exc:  # noqa: BLE001 - reported as a failed check
+        torch.cuda.synchronize()
+        return bt, caches, eager, None, float("nan"), repr(exc)[:300]
+    return bt, caches, eager, captured, timed(step, device, iters=3), None
 
 
 def print_table(results):
