@@ -252,6 +252,10 @@ class RemoteBackend:
             body["seed"] = params.seed
         if params.stop:
             body["stop"] = list(params.stop)
+        if request.cache_salt is not None:
+            # vLLM's prefix-cache salt: the tenant's (API key, UI session) and the request's own,
+            # hashed together, so tenants stay apart in the upstream's cache as in ours
+            body["cache_salt"] = request.cache_salt
         return body
 
     def open(self, request: GenerateRequest, channel: QueueChannel) -> RemoteSource:

@@ -15,6 +15,7 @@ from websockets.asyncio.client import connect
 from swallow_stream import stream
 from swallow_stream.backends.remote import RemoteBackend, normalize_base_url
 from swallow_stream.errors import ModelNotFoundError, OverloadedError
+from swallow_stream.request import GenerateRequest, tenant_salt
 
 from server_helpers import STANDIN_ANSWER, STANDIN_MODEL, STANDIN_REASONING, await_until, serve, wait_until
 
@@ -48,6 +49,17 @@ def test_stream_channels_usage_and_request(remote_server, standin, standin_mode)
     assert body["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                                 {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Again"}]
     assert (body["max_tokens"], body["top_k"], body["seed"], body["temperature"]) == (50, 5, 3, 0.6)
+    assert "cache_salt" not in body  # one local user: no tenant, no salt, nothing an upstream may refuse
+
+
+def test_tenants_reach_the_upstream_salted(remote_server, standin, standin_mode):
+    """The prefix-cache tenant (API key / UI session, plus the request's cache_salt) is forwarded
+    as vLLM's cache_salt, so tenants are kept apart in the upstream's cache too."""
+    b = remote_server.backend
+    list(stream("Hi", model=b, cache_salt="team-a", max_tokens=5))
+    assert standin.state["requests"][-1]["cache_salt"] == tenant_salt(None, "team-a")
+    salts = {b.request_body(GenerateRequest.create("Hi", b.generation, tenant=t, max_tokens=5))["cache_salt"] for t in ("key-1", "key-2")}
+    assert len(salts) == 2 and not any("key-" in s for s in salts)  # distinct, and the key never leaves
 
 
 def test_cancel_closes_the_http_stream(remote_server, standin, standin_mode):
