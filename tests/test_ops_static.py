@@ -155,3 +155,31 @@ def test_torch_prefill_never_reads_back(meta_model):
     with NoHostTensors():
         hidden = meta_model.forward(ids, torch.empty_like(ids), meta, meta_caches(meta_model))
     assert hidden.shape == (6, meta_model.cfg.hidden_size)
+
+
+def test_engine_on_device_paths_generates_what_the_cpu_paths_do(monkeypatch, tiny_path, make_engine):
+    """The real engine (chunked prefill with host lengths, decode through the static buffers,
+    sliding-window layers) with the torch ops' device paths forced on CPU: same greedy tokens."""
+    from swallow_stream import stream
+
+    prompts = ["Create a casual one-day Tokyo itinerary in Japanese.", "東京の一日観光プランを作ってください。",
+               "What is the capital of Japan?"]
+
+    def run():
+        engine = make_engine(tiny_path, max_num_batched_tokens=32)  # prompts prefill in chunks
+        streams = [stream(p, model=engine, temperature=0, max_tokens=40) for p in prompts]
+        return [s.collect().token_ids for s in streams]
+
+    on_cpu = run()
+    monkeypatch.setattr(reference, "_reads_are_free", lambda t: False)
+    calls = {"decode": 0, "experts": 0}
+    for name in ("_attention_decode", "_experts_static"):
+        real = getattr(reference, name)
+
+        def counted(*a, _real=real, _key=name, **k):
+            calls["decode" if _key == "_attention_decode" else "experts"] += 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(reference, name, counted)
+    assert run() == on_cpu
+    assert calls["decode"] > 0 and calls["experts"] > 0
