@@ -29,6 +29,7 @@ from .block_manager import FULL, SLIDING
 from .sequence import Sequence
 
 log = logging.getLogger("swallow_stream.engine")
+_first = operator.itemgetter(0)
 
 
 @dataclass
@@ -93,16 +94,31 @@ class StaticDecode:
         self.use_graphs = use_graphs
         dev = model.device
         n = max_num_seqs
-        # ids, positions and the two groups' slots in one buffer: a step's inputs are one copy
-        self.staged = torch.zeros((4, n), dtype=torch.int64, device=dev)
-        self.input_ids, self.positions, self.slots = self.staged[0], self.staged[1], self.staged[2:]
-        self.slots.fill_(-1)
+        # ids, positions, the two groups' slots and the feed rows (see `run`) in one buffer: a
+        # step's inputs are one copy
+        self.staged = torch.zeros((5, n), dtype=torch.int64, device=dev)
+        self.input_ids, self.positions, self.slots, self.feed = (self.staged[0], self.staged[1], self.staged[2:4],
+                                                                 self.staged[4])
+        self.staged[2:].fill_(-1)
         self.tables = torch.zeros((2, n, max_blocks), dtype=torch.int32, device=dev)
+        # The host writes a step's inputs into numpy views (filling an array from lists is a
+        # tenth of the cost of torch.tensor on nested lists). On a CPU device the views are the
+        # buffers themselves, nothing is copied; otherwise `staged` comes from two pinned
+        # buffers used in turn (the copy from the one written for step N has finished once the
+        # host has read step N's ids, before it writes that buffer again for step N+2).
+        self._shared_host = dev.type == "cpu"
+        if self._shared_host:
+            self._host_staged = [self.staged]
+            self._host_tables = self.tables.numpy()
+        else:
+            self._host_staged = [torch.zeros((5, n), dtype=torch.int64, pin_memory=True) for _ in range(2)]
+            self._host_tables = np.zeros((2, n, max_blocks), dtype=np.int32)
+        self._host_staged_np = [t.numpy() for t in self._host_staged]
+        self._staged_turn = 0
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.sampling = SamplingTensors.allocate(n, dev)
         self.last_ids = torch.zeros(n, dtype=torch.int64, device=dev)  # the previous step's sampled ids
-        self._host_tables = np.zeros((2, n, max_blocks), dtype=np.int32)
         self._table_keys: list[tuple | None] = [None] * n  # what each row's block tables hold
         # (sequences whose parameters the sampling rows hold, any row needing the whole
         # vocabulary, any asking for logprobs, all greedy)
@@ -181,12 +197,18 @@ class StaticDecode:
         """-> (sampled ids [B], logprobs [B], logits [B, V], whether any row asked for logprobs)
         for a batch of decodes; seed_of(seq) is a row's sampling seed.
 
-        feed[i] >= 0: row i's input token is row feed[i] of the previous step's sampled ids, still
-        on the device (the host has not read it yet; its token_ids entry is a placeholder)."""
+        feed (launched steps only) [B]: feed[i] >= 0: row i's input token is row feed[i] of the
+        previous launch's sampled ids, still on the device (the host has not read it yet; its
+        token_ids entry is a placeholder)."""
         b = len(batch)
         bucket = self._bucket_of[b]
         ids, pos = [0] * bucket, [0] * bucket
         slots_full, slots_sliding = [-1] * bucket, [-1] * bucket
+        launched = feed is not None  # the next launch may feed from this step's ids: keep them
+        if feed is None or not any(r >= 0 for r in feed):
+            feed = None
+        elif bucket > b:
+            feed = feed + [-1] * (bucket - b)
         tables, keys = self._host_tables, self._table_keys
         width = 0  # widest block table among the rows rewritten this step
         for i, (seq, _) in enumerate(batch):
@@ -208,18 +230,24 @@ class StaticDecode:
                 if has_sliding:
                     sl = seq_tables[SLIDING]
                     tables[SLIDING, i, : len(sl)] = sl
-        self.staged[:, :bucket].copy_(torch.tensor([ids, pos, slots_full, slots_sliding]), non_blocking=True)
-        if width:
-            self.tables[:, :bucket, :width].copy_(torch.from_numpy(tables[:, :bucket, :width]), non_blocking=True)
-        if feed is not None and any(r >= 0 for r in feed):
-            src = torch.tensor(feed + [-1] * (bucket - b)).to(self.input_ids.device, non_blocking=True)
+        turn = self._staged_turn = (self._staged_turn + 1) % len(self._host_staged)
+        staged = self._host_staged_np[turn]
+        staged[:4, :bucket] = (ids, pos, slots_full, slots_sliding)
+        if feed is not None:
+            staged[4, :bucket] = feed
+        if not self._shared_host:
+            self.staged[:, :bucket].copy_(self._host_staged[turn][:, :bucket], non_blocking=True)
+            if width:
+                self.tables[:, :bucket, :width].copy_(torch.from_numpy(tables[:, :bucket, :width]), non_blocking=True)
+        if feed is not None:
+            src = self.feed[:bucket]
             fed = self.last_ids[:bucket].gather(0, src.clamp(min=0))
             self.input_ids[:bucket] = torch.where(src >= 0, fed, self.input_ids[:bucket])
         # A row's sampling parameters and seed are fixed for its sequence's life: the rows are
         # rewritten only when the batch's sequences change (the key holds them, so an identity
         # match cannot be a recycled id). Positions are set on the device in the step.
         key = self._sampling_key
-        if key is None or len(key[0]) != b or not all(map(operator.is_, key[0], (seq for seq, _ in batch))):
+        if key is None or len(key[0]) != b or not all(map(operator.is_, key[0], map(_first, batch))):
             seqs = tuple(seq for seq, _ in batch)
             params = [seq.params for seq in seqs]
             self.sampling.fill(params, [seed_of(seq) for seq in seqs], pos[:b])
@@ -236,7 +264,8 @@ class StaticDecode:
         sampled, lps, logits = (o[:b] for o in out) if bucket != b else out
         if full_vocab:  # a row without a small top_k: the whole vocabulary
             sampled, lps = device_sample(logits, self._views(b)[1], None, logprobs)
-        self.last_ids[:b].copy_(sampled, non_blocking=True)
+        if launched:
+            self.last_ids[:b].copy_(sampled, non_blocking=True)
         return sampled, lps, logits, logprobs
 
 
