@@ -276,11 +276,9 @@ class LLMEngine:
             self._finish(seq, "cancelled", SwallowError("engine shut down"))
 
     def _drain_inbox(self) -> None:
-        while True:
-            try:
-                cmd, seq = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        inbox = self._inbox
+        while not inbox.empty():  # only this thread (or the one holding _step_lock) takes from it
+            cmd, seq = inbox.get_nowait()
             if cmd == "add":  # the inbox is FIFO: a request's add always precedes its cancel
                 self.scheduler.add(seq)
                 self.counters.prompt_tokens_total += seq.num_prompt_tokens
@@ -307,8 +305,9 @@ class LLMEngine:
             self.runner = self._make_runner()
         if batch and self.engine_config.overlap and self.runner.can_launch(batch) and self._launch(batch):
             return
-        self._resolve()  # the tokens of a launched step first: this step's inputs need them
-        batch = [(seq, n) for seq, n in batch if seq.status == SequenceStatus.RUNNING]
+        if self._pending is not None:
+            self._resolve()  # the tokens of a launched step first: this step's inputs need them
+            batch = [(seq, n) for seq, n in batch if seq.status == SequenceStatus.RUNNING]  # some may have stopped
         if not batch:
             return
         try:
