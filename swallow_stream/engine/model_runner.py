@@ -184,8 +184,8 @@ class StaticDecode:
 
     def _views(self, b: int) -> tuple[BatchMeta, SamplingTensors, torch.Tensor, torch.Tensor]:
         """The first b rows of the static buffers, as the model and the sampler read them:
-        (meta, sampling rows, input ids [b], positions [b]); views made once per batch size: slicing a dozen tensors costs more than the rest of a step's
-        host work at batch 1)."""
+        (meta, sampling rows, input ids [b], positions [b]). Made once per batch size, not per
+        step: each is a dozen tensor slices, a few microseconds of host time apiece."""
         v = self._view_cache.get(b)
         if v is None:
             v = self._view_cache[b] = (self._meta(b), self.sampling.rows(b), self.input_ids[:b], self.positions[:b])
