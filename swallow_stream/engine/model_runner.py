@@ -241,7 +241,8 @@ class StaticDecode:
                 self.tables[:, :bucket, :width].copy_(torch.from_numpy(tables[:, :bucket, :width]), non_blocking=True)
         if feed is not None:
             src = self.feed[:bucket]
-            fed = self.last_ids[:bucket].gather(0, src.clamp(min=0))
+            # rows of the previous launch, which may have been larger than this one: all of last_ids
+            fed = self.last_ids.gather(0, src.clamp(min=0))
             self.input_ids[:bucket] = torch.where(src >= 0, fed, self.input_ids[:bucket])
         # A row's sampling parameters and seed are fixed for its sequence's life: the rows are
         # rewritten only when the batch's sequences change (the key holds them, so an identity
