@@ -94,12 +94,16 @@ class StaticDecode:
         self.use_graphs = use_graphs
         dev = model.device
         n = max_num_seqs
-        # ids, positions, the two groups' slots and the feed rows (see `run`) in one buffer: a
-        # step's inputs are one copy
-        self.staged = torch.zeros((5, n), dtype=torch.int64, device=dev)
+        # [7, n] int64, rows: 0 input ids, 1 positions, 2-3 the two groups' slots, 4 feed index,
+        # 5 the host's ids on a feeding step, 6 the previous step's sampled ids (device-written).
+        # Rows 0-5 are a step's inputs, sent in one copy. A feeding step (see `run`) gathers its
+        # input ids from rows 5-6 read as one [2n] pool, by the index in row 4.
+        self.staged = torch.zeros((7, n), dtype=torch.int64, device=dev)
         self.input_ids, self.positions, self.slots, self.feed = (self.staged[0], self.staged[1], self.staged[2:4],
                                                                  self.staged[4])
-        self.staged[2:].fill_(-1)
+        self.last_ids = self.staged[6]
+        self._feed_pool = self.staged[5:7].view(-1)
+        self.staged[2:4].fill_(-1)
         self.tables = torch.zeros((2, n, max_blocks), dtype=torch.int32, device=dev)
         # The host writes a step's inputs into numpy views (filling an array from lists is a
         # tenth of the cost of torch.tensor on nested lists). On a CPU device the views are the
@@ -111,14 +115,13 @@ class StaticDecode:
             self._host_staged = [self.staged]
             self._host_tables = self.tables.numpy()
         else:
-            self._host_staged = [torch.zeros((5, n), dtype=torch.int64, pin_memory=True) for _ in range(2)]
+            self._host_staged = [torch.zeros((6, n), dtype=torch.int64, pin_memory=True) for _ in range(2)]
             self._host_tables = np.zeros((2, n, max_blocks), dtype=np.int32)
         self._host_staged_np = [t.numpy() for t in self._host_staged]
         self._staged_turn = 0
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.sampling = SamplingTensors.allocate(n, dev)
-        self.last_ids = torch.zeros(n, dtype=torch.int64, device=dev)  # the previous step's sampled ids
         self._table_keys: list[tuple | None] = [None] * n  # what each row's block tables hold
         # (sequences whose parameters the sampling rows hold, any row needing the whole
         # vocabulary, any asking for logprobs, all greedy)
@@ -207,8 +210,9 @@ class StaticDecode:
         launched = feed is not None  # the next launch may feed from this step's ids: keep them
         if feed is None or not any(r >= 0 for r in feed):
             feed = None
-        elif bucket > b:
-            feed = feed + [-1] * (bucket - b)
+        else:  # index into the pool [host ids (n) | previous ids (n)]; padding rows take a host 0
+            n = self.last_ids.shape[0]
+            feed = [n + r if r >= 0 else i for i, r in enumerate(feed)] + list(range(b, bucket))
         tables, keys = self._host_tables, self._table_keys
         width = 0  # widest block table among the rows rewritten this step
         for i, (seq, _) in enumerate(batch):
@@ -232,18 +236,18 @@ class StaticDecode:
                     tables[SLIDING, i, : len(sl)] = sl
         turn = self._staged_turn = (self._staged_turn + 1) % len(self._host_staged)
         staged = self._host_staged_np[turn]
-        staged[:4, :bucket] = (ids, pos, slots_full, slots_sliding)
-        if feed is not None:
-            staged[4, :bucket] = feed
+        if feed is None:
+            staged[:4, :bucket] = (ids, pos, slots_full, slots_sliding)
+        else:
+            staged[1:6, :bucket] = (pos, slots_full, slots_sliding, feed, ids)
         if not self._shared_host:
-            self.staged[:, :bucket].copy_(self._host_staged[turn][:, :bucket], non_blocking=True)
+            self.staged[:6, :bucket].copy_(self._host_staged[turn][:, :bucket], non_blocking=True)
             if width:
                 self.tables[:, :bucket, :width].copy_(torch.from_numpy(tables[:, :bucket, :width]), non_blocking=True)
         if feed is not None:
-            src = self.feed[:bucket]
-            # rows of the previous launch, which may have been larger than this one: all of last_ids
-            fed = self.last_ids.gather(0, src.clamp(min=0))
-            self.input_ids[:bucket] = torch.where(src >= 0, fed, self.input_ids[:bucket])
+            # one gather: a fed row's id from the previous launch's ids (its rows may reach past
+            # this step's bucket), any other row's from the host's
+            torch.index_select(self._feed_pool, 0, self.feed[:bucket], out=self.input_ids[:bucket])
         # A row's sampling parameters and seed are fixed for its sequence's life: the rows are
         # rewritten only when the batch's sequences change (the key holds them, so an identity
         # match cannot be a recycled id). Positions are set on the device in the step.
