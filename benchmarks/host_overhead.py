@@ -9,7 +9,10 @@ top, so nothing stops), so what is left per step is what a GPU would wait for, p
 On CPU the sampler is device work too (on CUDA it runs inside the step's graph): it is timed where
 it runs, in the engine thread, and reported apart; "host" is the step minus the sampler.
 
-    .venv/bin/python benchmarks/host_overhead.py [--batches 1,16,64] [--repeats 5] [--json out.json]
+`--no-consumers`: the requests' tokens go to a callback that drops them, so the engine thread runs
+alone (what the engine itself costs, without the consumers' Python sharing the GIL with it).
+
+    .venv/bin/python benchmarks/host_overhead.py [--batches 1,16,64] [--repeats 5] [--no-consumers] [--json out.json]
 """
 
 from __future__ import annotations
@@ -48,24 +51,36 @@ def fake_model(engine) -> None:
     model.logits = lm_head
 
 
-def measure(engine, clock, n: int, repeats: int, window: float, sampling: dict) -> list[tuple[float, float]]:
+def measure(engine, clock, n: int, repeats: int, window: float, sampling: dict, consumers: bool = True
+            ) -> list[tuple[float, float]]:
     """-> [(seconds per step, of which in the sampler)] per repeat."""
     from swallow_stream import stream
+    from swallow_stream.harmony import render_messages
+    from swallow_stream.request import GenerateRequest
 
-    streams = [stream(f"Request {i}: say something.", model=engine, max_tokens=engine.max_model_len - 200, **sampling)
-               for i in range(n)]
+    prompts = [f"Request {i}: say something." for i in range(n)]
+    max_tokens = engine.max_model_len - 200
     stop = threading.Event()
+    threads, seqs = [], []
+    if consumers:
+        streams = [stream(p, model=engine, max_tokens=max_tokens, **sampling) for p in prompts]
 
-    def consume(s):
-        for _ in s:
-            if stop.is_set():
-                s.close()
-                return
+        def consume(s):
+            for _ in s:
+                if stop.is_set():
+                    s.close()
+                    return
 
-    threads = [threading.Thread(target=consume, args=(s,), daemon=True) for s in streams]
-    for t in threads:
-        t.start()
-    while sum(1 for s in streams if len(s.token_ids) > 0) < n:  # every prefill done
+        threads = [threading.Thread(target=consume, args=(s,), daemon=True) for s in streams]
+        for t in threads:
+            t.start()
+        started = lambda: sum(1 for s in streams if len(s.token_ids) > 0)  # noqa: E731
+    else:
+        for p in prompts:
+            req = GenerateRequest.create(p, engine.generation, max_tokens=max_tokens, **sampling)
+            seqs.append(engine.submit(render_messages(req.messages), req.params, lambda out: None))
+        started = lambda: sum(1 for s in seqs if s.num_generated > 0)  # noqa: E731
+    while started() < n:  # every prefill done
         time.sleep(0.01)
     time.sleep(window / 4)
     per_step = []
@@ -78,6 +93,10 @@ def measure(engine, clock, n: int, repeats: int, window: float, sampling: dict) 
     stop.set()
     for t in threads:
         t.join(30)
+    for seq in seqs:
+        engine.cancel(seq)
+    while engine.num_unfinished:
+        time.sleep(0.01)
     return per_step
 
 
@@ -106,6 +125,7 @@ def main() -> None:
     ap.add_argument("--window", type=float, default=1.0, help="seconds per repeat")
     ap.add_argument("--greedy", action="store_true", help="temperature 0 instead of Swallow's defaults")
     ap.add_argument("--overlap", choices=["on", "off"], default=None, help="one-step-late decoding (default: the engine's)")
+    ap.add_argument("--no-consumers", action="store_true", help="tokens dropped by a callback: no stream() threads")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     batches = [int(x) for x in args.batches.split(",")]
@@ -125,7 +145,7 @@ def main() -> None:
     clock = SamplerClock()
     results = {}
     for n in batches:
-        results[n] = measure(engine, clock, n, args.repeats, args.window, sampling)
+        results[n] = measure(engine, clock, n, args.repeats, args.window, sampling, not args.no_consumers)
     vocab = engine.config.vocab_size
     overlap = engine.engine_config.overlap
     engine.shutdown()
@@ -134,10 +154,12 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "sampling": "greedy" if args.greedy else "temperature 0.6, top_p 0.95, top_k 20",
         "overlap": overlap,
+        "consumers": not args.no_consumers,
         "vocab": vocab,
         "batches": {},
     }
-    print(f"{out['machine']}  {out['date']}  sampling: {out['sampling']}  overlap: {overlap}  vocab {vocab}")
+    print(f"{out['machine']}  {out['date']}  sampling: {out['sampling']}  overlap: {overlap}  "
+          f"consumers: {out['consumers']}  vocab {vocab}")
     for n in batches:
         step = statistics.median(x for x, _ in results[n])
         samp = statistics.median(y for _, y in results[n])

@@ -118,6 +118,12 @@ class QueueChannel:
                 if orphaned is not None:
                     orphaned()
 
+    @property
+    def sink(self) -> Callable[[object], None]:
+        """`put`, as the producer should call it: with no event loop to wake, the queue's own
+        (C) put, one call less per item."""
+        return self._q.put if self._loop is None else self.put
+
     def _on_put(self) -> None:
         if self._notify is not None:
             self._notify()
@@ -126,15 +132,12 @@ class QueueChannel:
 
     def get_all(self, block: bool) -> list:
         """Everything queued; with block, wait for at least one item."""
+        q = self._q
         while True:
-            items = []
-            try:
-                if block and self.pump is None:
-                    items.append(self._q.get())
-                while True:
-                    items.append(self._q.get_nowait())
-            except queue.Empty:
-                pass
+            items = [q.get()] if block and self.pump is None else []
+            # one consumer: what qsize counts is there to take (no Empty raised per drain)
+            for _ in range(q.qsize()):
+                items.append(q.get_nowait())
             if items or not block:
                 return items
             self.pump()
@@ -269,8 +272,9 @@ class _StreamState:
 
     def _absorb(self, items: list[TokenEvent | Finished]) -> None:
         now = time.monotonic()
+        ready, token_ids = self._ready, self.token_ids
         for item in items:
-            if self.done:
+            if self.finish_reason is not None:
                 return
             if isinstance(item, Finished):
                 self._finish(item, now)
@@ -278,13 +282,20 @@ class _StreamState:
             if self._t_first is None:
                 self._t_first = now
                 self.stats.time_to_first_token = now - self._t_start
+            channel = item.channel
             if item.token_id is not None:
-                self.token_ids.append(item.token_id)
+                token_ids.append(item.token_id)
                 self.usage.completion_tokens += 1
-                if item.channel == "analysis":
+                if channel == "analysis":
                     self._reasoning_count += 1
             if self._stop is None:
-                self._ready.append(self._text(item, item.text, item.channel))
+                text = item.text
+                if text:  # as _text
+                    if channel == "analysis":
+                        self._reasoning.append(text)
+                    elif channel in ANSWER_CHANNELS:
+                        self._answer.append(text)
+                ready.append(item)
                 continue
             prev = self._stop.channel
             flushed, text, hit = self._stop.feed(item.text, item.channel)
@@ -355,14 +366,16 @@ class Stream(_StreamState):
 
     def __iter__(self) -> Iterator[TokenEvent]:
         # A generator per loop: when a `for` loop breaks, this generator is closed and the
-        # request cancelled, even if the caller still holds the Stream.
+        # request cancelled, even if the caller still holds the Stream. (`__next__`, inlined.)
         try:
+            ready = self._ready
             while True:
-                try:
-                    ev = next(self)
-                except StopIteration:
-                    return
-                yield ev
+                while not ready:
+                    if self.finish_reason is not None:
+                        self.raise_if_failed()
+                        return
+                    self._absorb(self._source.get(block=True))
+                yield ready.pop(0)
         finally:
             self.cancel()
 

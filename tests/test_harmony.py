@@ -649,3 +649,34 @@ def test_parse_completion_counts_a_preamble_as_answer(tok):
             h.TOKEN_START, *tok.encode("assistant"), h.TOKEN_CHANNEL, *tok.encode("final"), h.TOKEN_MESSAGE,
             *tok.encode("Done."), h.TOKEN_RETURN])
     assert h.parse_completion(ids, tok) == ("", "Let me look. Done.")
+
+
+def test_feed_fast_path_gives_what_the_general_path_gives(enc, tok):
+    """`feed` handles ordinary text outside a header inline; the general `_feed` must give the
+    same pieces and tallies for any id stream (split multi-byte characters, headers, stray
+    specials, ids past the vocabulary, numpy ints)."""
+    import numpy as np
+
+    rng = random.Random(7)
+    text = "Tokyo 東京 in a day 🗼🍣, then über café."
+    ordinary = tok.encode(text) + [b for b in range(199990, 199998)]
+    specials = [h.TOKEN_START, h.TOKEN_CHANNEL, h.TOKEN_MESSAGE, h.TOKEN_END, h.TOKEN_CONSTRAIN,
+                h.TOKEN_CALL, h.TOKEN_RETURN, 200010, 201087, 201500, -3]
+    # ids of single non-ASCII bytes: runs of them cut (and break) multi-byte characters
+    split = [i for i, b in enumerate(tok.bytes_table()[: h.N_ORDINARY]) if len(b) == 1 and b[0] >= 0x80]
+    completion = _completion(enc)
+    for trial in range(40):
+        ids = list(completion) if trial == 0 else []
+        for _ in range(300 if trial else 0):
+            r = rng.random()
+            ids.append(rng.choice(specials) if r < 0.15 else rng.choice(split) if r < 0.3
+                       else rng.choice(ordinary))
+        if trial % 3 == 1:
+            ids = [np.int64(i) for i in ids]
+        fast, general = h.HarmonyStreamParser(tok), h.HarmonyStreamParser(tok)
+        got = [fast.feed(i) for i in ids]
+        want = [general._feed(int(i)) for i in ids]
+        assert got == want
+        assert fast.flush() == general.flush()
+        assert (fast.reasoning, fast.answer, fast.reasoning_tokens) == (general.reasoning, general.answer,
+                                                                        general.reasoning_tokens)

@@ -155,3 +155,36 @@ def test_prefix_match_requires_sliding_window_blocks():
     for _ in range(50):
         kv.pools[1].take()
     assert kv.match_prefix(b).num_tokens == 0
+
+
+def test_block_table_bookkeeping_names_every_change_under_preemption_and_prefix_sharing():
+    """The scheduler's decode fast path (`grow`) and the model runner's table rewrites rely on two
+    invariants: a sliding table's -1 entries are a prefix `num_dropped_sliding` long, and
+    `tables_version` changes whenever either table does (a row whose (seq_id, version) matches
+    what the device holds is not rewritten). Also: `grow` allocates exactly what `allocate` does."""
+    kv = KVCacheManager(num_full_blocks=40, num_sliding_blocks=24, block_size=4, window=8)
+    sched = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=24)
+    shared = list(range(500, 513))  # a common 13-token prefix: shared cached blocks
+    seqs = [seq(shared + list(range(1000 * (i + 1), 1000 * (i + 1) + 3 + 5 * i))) for i in range(5)]
+    for s in seqs:
+        sched.add(s)
+    seen = {}
+    for step in range(60):
+        before = {id(s): (s.tables_version, [list(t) for t in s.block_tables]) for s in seqs}
+        batch, unfittable = sched.schedule()
+        assert unfittable == []
+        run_step(kv, batch, sampled_token=7 + step)
+        for s in seqs:
+            version, tables = before[id(s)]
+            if s.block_tables != tables:
+                assert s.tables_version != version, "tables changed without a new version"
+            key = (s.seq_id, s.tables_version)
+            assert seen.setdefault(key, [list(t) for t in s.block_tables]) == s.block_tables, "one version, two tables"
+            sl, d = s.block_tables[1], s.num_dropped_sliding
+            assert sl[:d] == [-1] * d and all(b >= 0 for b in sl[d:])
+        if step == 30:
+            sched.remove(seqs[0])  # finished: blocks back (named ones stay cached)
+    assert sched.num_preemptions > 0  # the pools are small enough that the newest get preempted
+    for s in seqs:
+        sched.remove(s)
+    assert kv.num_free_blocks == 64

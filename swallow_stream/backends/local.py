@@ -19,23 +19,18 @@ class LocalSource(ChannelSource):
             channel.pump = engine.pump
         self._engine = engine
         self._parser = HarmonyStreamParser(get_tokenizer())
-        self._seq = engine.submit(prompt_token_ids, request.params, channel.put, request.id, request.cache_salt)
+        self._seq = engine.submit(prompt_token_ids, request.params, channel.sink, request.id, request.cache_salt)
 
     def _convert(self, outs: list[SequenceOutput]) -> list[TokenEvent | Finished]:
         items: list[TokenEvent | Finished] = []
-        parser = self._parser
+        feed = self._parser.feed
         for out in outs:
+            lps, tops = out.logprobs, out.top_logprobs
             for i, tid in enumerate(out.token_ids):
-                piece = parser.feed(tid)
-                items.append(TokenEvent(
-                    piece.text,
-                    piece.channel,
-                    tid,
-                    piece.special,
-                    out.logprobs[i] if out.logprobs else None,
-                    out.top_logprobs[i] if out.top_logprobs else None,
-                ))
+                _, text, channel, special = feed(tid)
+                items.append(TokenEvent(text, channel, tid, special, lps[i] if lps else None, tops[i] if tops else None))
             if out.finish_reason is not None:
+                parser = self._parser
                 tail = parser.flush()
                 if tail:
                     items.append(TokenEvent(tail, parser.channel, None))

@@ -124,21 +124,48 @@ class KVCacheManager:
         return self.pools[FULL].num_blocks * self.block_size
 
     # -- allocation ------------------------------------------------------------------------------
+    def grow(self, seq: Sequence, num_new: int) -> bool:
+        """`allocate` when `can_allocate`, else False with nothing changed. Most decode steps
+        need no new block and drop none (a block every block_size tokens): that case is a few
+        integer comparisons, no pool call."""
+        bs = self.block_size
+        c = seq.num_computed
+        end_blocks = -(-(c + num_new) // bs)
+        tables = seq.block_tables
+        if end_blocks <= len(tables[FULL]):
+            if not self.has_sliding:
+                return True
+            # a sliding layer's first needed block (as _first_needed_sliding_block), inlined
+            lo = (c - self.window + 1) // bs if c >= self.window else 0
+            if lo <= seq.num_dropped_sliding and end_blocks <= len(tables[SLIDING]):
+                return True
+        if not self.can_allocate(seq, num_new):
+            return False
+        self.allocate(seq, num_new)
+        return True
+
     def allocate(self, seq: Sequence, num_new: int) -> None:
         """Give seq the blocks for its next num_new tokens; drop sliding blocks behind the window."""
         end_blocks = -(-(seq.num_computed + num_new) // self.block_size)
         full = seq.block_tables[FULL]
+        changed = len(full) < end_blocks
         while len(full) < end_blocks:
             full.append(self.pools[FULL].take())
         if self.has_sliding:
             sl = seq.block_tables[SLIDING]
             lo = self._first_needed_sliding_block(seq.num_computed)
-            for i in range(min(lo, len(sl))):
+            dropped = seq.num_dropped_sliding  # sl[:dropped] are -1 already: not walked again
+            for i in range(dropped, min(lo, len(sl))):
                 if sl[i] >= 0:
                     self.pools[SLIDING].release(sl[i])
                     sl[i] = -1
+                    changed = True
             while len(sl) < end_blocks:
                 sl.append(self.pools[SLIDING].take() if len(sl) >= lo else -1)
+                changed = True
+            seq.num_dropped_sliding = max(dropped, min(lo, len(sl)))
+        if changed:
+            seq.tables_version += 1
 
     def free(self, seq: Sequence) -> None:
         for g, table in enumerate(seq.block_tables):
@@ -147,6 +174,8 @@ class KVCacheManager:
                     self.pools[g].release(b)
             table.clear()
         seq.block_hashes.clear()
+        seq.num_dropped_sliding = 0
+        seq.tables_version += 1
 
     # -- prefix caching --------------------------------------------------------------------------
     def match_prefix(self, seq: Sequence) -> PrefixMatch:
@@ -205,6 +234,12 @@ class KVCacheManager:
                 if b >= 0:
                     self.pools[g].share(b)
             seq.block_tables[g] = list(match.blocks[g])
+        sl = seq.block_tables[SLIDING]
+        dropped = 0
+        while dropped < len(sl) and sl[dropped] < 0:
+            dropped += 1
+        seq.num_dropped_sliding = dropped
+        seq.tables_version += 1
         seq.block_hashes = list(match.hashes)
         seq.num_computed = match.num_tokens
 

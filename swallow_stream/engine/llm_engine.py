@@ -276,11 +276,9 @@ class LLMEngine:
             self._finish(seq, "cancelled", SwallowError("engine shut down"))
 
     def _drain_inbox(self) -> None:
-        while True:
-            try:
-                cmd, seq = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        inbox = self._inbox
+        while not inbox.empty():  # only this thread (or the one holding _step_lock) takes from it
+            cmd, seq = inbox.get_nowait()
             if cmd == "add":  # the inbox is FIFO: a request's add always precedes its cancel
                 self.scheduler.add(seq)
                 self.counters.prompt_tokens_total += seq.num_prompt_tokens
@@ -307,8 +305,9 @@ class LLMEngine:
             self.runner = self._make_runner()
         if batch and self.engine_config.overlap and self.runner.can_launch(batch) and self._launch(batch):
             return
-        self._resolve()  # the tokens of a launched step first: this step's inputs need them
-        batch = [(seq, n) for seq, n in batch if seq.status == SequenceStatus.RUNNING]
+        if self._pending is not None:
+            self._resolve()  # the tokens of a launched step first: this step's inputs need them
+            batch = [(seq, n) for seq, n in batch if seq.status == SequenceStatus.RUNNING]  # some may have stopped
         if not batch:
             return
         try:
@@ -324,40 +323,35 @@ class LLMEngine:
         self.counters.computed_tokens_total += sum(n for _, n in batch)
         it = iter(sampled)
         produced = 0
+        commit = self.kv.commit
+        bs = self.kv.block_size
+        deliver = self._deliver
         for seq, n in batch:
-            seq.num_computed += n
-            self.kv.commit(seq)
-            if seq.num_computed < len(seq.token_ids):
+            c = seq.num_computed = seq.num_computed + n
+            if c // bs > len(seq.block_hashes):  # a block just became full: name it
+                commit(seq)
+            if c < len(seq.token_ids):
                 continue  # a prefill chunk with more to come
             token, lp, top = next(it)
             seq.token_ids.append(token)
             produced += 1
-            self._deliver(seq, token, lp, top)
+            deliver(seq, token, lp, top)
         self.counters.generated_tokens_total += produced
         self.throughput.add(time.monotonic(), produced)
 
     def _deliver(self, seq: Sequence, token: int, lp: float | None, top) -> None:
         """Hand a sampled token (already in seq.token_ids) to its consumer; finish on a stop."""
         p = seq.params
-        reason = None
+        seq.emit(SequenceOutput([token], [lp] if lp is not None and p.logprobs else None,
+                                [top] if top is not None else None, None, None, seq.num_cached_prompt_tokens))
         if token in p.stop_token_ids:
-            reason = "stop"
-        elif (p.max_tokens is not None and seq.num_generated >= p.max_tokens) or len(seq.token_ids) >= self.max_model_len:
-            reason = "length"
-        seq.emit(
-            SequenceOutput(
-                [token],
-                [lp] if lp is not None and p.logprobs else None,
-                [top] if top is not None else None,
-                num_cached_tokens=seq.num_cached_prompt_tokens,
-            )
-        )
-        if reason:
-            self._finish(seq, reason)
+            self._finish(seq, "stop")
+        elif len(seq.token_ids) >= seq.max_len:
+            self._finish(seq, "length")
 
-    def _at_length(self, seq: Sequence) -> bool:
-        p = seq.params
-        return (p.max_tokens is not None and seq.num_generated >= p.max_tokens) or len(seq.token_ids) >= self.max_model_len
+    @staticmethod
+    def _at_length(seq: Sequence) -> bool:
+        return len(seq.token_ids) >= seq.max_len
 
     def _launch(self, batch: list[tuple[Sequence, int]]) -> bool:
         """One-step-late decode: launch this step (inputs that are still placeholders come from

@@ -16,6 +16,7 @@ import math
 import operator
 import random
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from .block_manager import FULL, SLIDING
 from .sequence import Sequence
 
 log = logging.getLogger("swallow_stream.engine")
+_first = operator.itemgetter(0)
 
 
 @dataclass
@@ -92,27 +94,50 @@ class StaticDecode:
         self.use_graphs = use_graphs
         dev = model.device
         n = max_num_seqs
-        # ids, positions and the two groups' slots in one buffer: a step's inputs are one copy
-        self.staged = torch.zeros((4, n), dtype=torch.int64, device=dev)
-        self.input_ids, self.positions, self.slots = self.staged[0], self.staged[1], self.staged[2:]
-        self.slots.fill_(-1)
+        # [7, n] int64, rows: 0 input ids, 1 positions, 2-3 the two groups' slots, 4 feed index,
+        # 5 the host's ids on a feeding step, 6 the previous step's sampled ids (device-written).
+        # Rows 0-5 are a step's inputs, sent in one copy. A feeding step (see `run`) gathers its
+        # input ids from rows 5-6 read as one [2n] pool, by the index in row 4.
+        self.staged = torch.zeros((7, n), dtype=torch.int64, device=dev)
+        self.input_ids, self.positions, self.slots, self.feed = (self.staged[0], self.staged[1], self.staged[2:4],
+                                                                 self.staged[4])
+        self.last_ids = self.staged[6]
+        self._feed_pool = self.staged[5:7].view(-1)
+        self.staged[2:4].fill_(-1)
         self.tables = torch.zeros((2, n, max_blocks), dtype=torch.int32, device=dev)
+        # The host writes a step's inputs into numpy views (filling an array from lists is a
+        # tenth of the cost of torch.tensor on nested lists). On a CPU device the views are the
+        # buffers themselves, nothing is copied; otherwise `staged` comes from two pinned
+        # buffers used in turn (the copy from the one written for step N has finished once the
+        # host has read step N's ids, before it writes that buffer again for step N+2).
+        self._shared_host = dev.type == "cpu"
+        if self._shared_host:
+            self._host_staged = [self.staged]
+            self._host_tables = self.tables.numpy()
+        else:
+            self._host_staged = [torch.zeros((6, n), dtype=torch.int64, pin_memory=True) for _ in range(2)]
+            self._host_tables = np.zeros((2, n, max_blocks), dtype=np.int32)
+        self._host_staged_np = [t.numpy() for t in self._host_staged]
+        self._staged_turn = 0
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.sampling = SamplingTensors.allocate(n, dev)
-        self.last_ids = torch.zeros(n, dtype=torch.int64, device=dev)  # the previous step's sampled ids
-        self._host_tables = np.zeros((2, n, max_blocks), dtype=np.int32)
         self._table_keys: list[tuple | None] = [None] * n  # what each row's block tables hold
-        self._sampling_key: tuple | None = None  # whose parameters the sampling rows hold
+        # (sequences whose parameters the sampling rows hold, any row needing the whole
+        # vocabulary, any asking for logprobs, all greedy)
+        self._sampling_key: tuple | None = None
+        self._view_cache: dict[int, tuple] = {}  # batch size -> `_views`
         if use_graphs:
             sizes = [b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if b < n] + [n]
         else:
             sizes = list(range(1, n + 1))
         self.buckets = sorted(set(sizes))
+        self._bucket_of = [0] + [next(x for x in self.buckets if x >= b) for b in range(1, n + 1)]  # batch -> bucket
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
         self.pool = None
 
     def _meta(self, b: int) -> BatchMeta:
+        """The model's batch metadata over the first b rows (see `_views`)."""
         return BatchMeta(
             query_start_loc=self.query_start_loc[: b + 1],
             seq_lens=self.seq_lens[:b],
@@ -124,11 +149,12 @@ class StaticDecode:
         """-> (sampled ids [b], their logprobs [b], logits [b, V]) from the static buffers."""
         # a decode's context is its position + 1, and its sampled token sits there: both derived
         # here, on the device, so the host copies neither
-        torch.add(self.positions[:b], 1, out=self.sampling.position[:b])
-        self.seq_lens[:b].copy_(self.sampling.position[:b])
-        hidden = self.model.forward(self.input_ids[:b], self.positions[:b], self._meta(b), self.kv_caches)
+        meta, rows, input_ids, positions = self._views(b)
+        torch.add(positions, 1, out=rows.position)
+        meta.seq_lens.copy_(rows.position)
+        hidden = self.model.forward(input_ids, positions, meta, self.kv_caches)
         logits = self.model.logits(hidden)
-        ids, lps = device_sample(logits, self.sampling.rows(b), MAX_CANDIDATES, logprobs, greedy)
+        ids, lps = device_sample(logits, rows, MAX_CANDIDATES, logprobs, greedy)
         return ids, lps, logits
 
     def _capture(self, b: int) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]:
@@ -159,64 +185,93 @@ class StaticDecode:
     def fits(self, batch_size: int, max_blocks: int) -> bool:
         return batch_size <= self.buckets[-1] and max_blocks <= self.tables.shape[2]
 
-    def run(self, batch: list[tuple[Sequence, int]], block_size: int, has_sliding: bool,
-            params: list[SamplingParams], seeds: list[int], logprobs: bool = True,
-            feed: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (sampled ids [B], logprobs [B], logits [B, V]) for a batch of decodes.
+    def _views(self, b: int) -> tuple[BatchMeta, SamplingTensors, torch.Tensor, torch.Tensor]:
+        """The first b rows of the static buffers, as the model and the sampler read them:
+        (meta, sampling rows, input ids [b], positions [b]). Made once per batch size, not per
+        step: each is a dozen tensor slices, a few microseconds of host time apiece."""
+        v = self._view_cache.get(b)
+        if v is None:
+            v = self._view_cache[b] = (self._meta(b), self.sampling.rows(b), self.input_ids[:b], self.positions[:b])
+        return v
 
-        feed[i] >= 0: row i's input token is row feed[i] of the previous step's sampled ids, still
-        on the device (the host has not read it yet; its token_ids entry is a placeholder)."""
+    def run(self, batch: list[tuple[Sequence, int]], block_size: int, has_sliding: bool,
+            seed_of: Callable[[Sequence], int], feed: list[int] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """-> (sampled ids [B], logprobs [B], logits [B, V], whether any row asked for logprobs)
+        for a batch of decodes; seed_of(seq) is a row's sampling seed.
+
+        feed (launched steps only) [B]: feed[i] >= 0: row i's input token is row feed[i] of the
+        previous launch's sampled ids, still on the device (the host has not read it yet; its
+        token_ids entry is a placeholder)."""
         b = len(batch)
-        bucket = next(x for x in self.buckets if x >= b)
-        groups = (FULL, SLIDING) if has_sliding else (FULL,)
-        pad = bucket - b
+        bucket = self._bucket_of[b]
         ids, pos = [0] * bucket, [0] * bucket
-        slots = [[-1] * bucket, [-1] * bucket]
-        width = 1
+        slots_full, slots_sliding = [-1] * bucket, [-1] * bucket
+        launched = feed is not None  # the next launch may feed from this step's ids: keep them
+        if feed is None or not any(r >= 0 for r in feed):
+            feed = None
+        else:  # index into the pool [host ids (n) | previous ids (n)]; padding rows take a host 0
+            n = self.last_ids.shape[0]
+            feed = [n + r if r >= 0 else i for i, r in enumerate(feed)] + list(range(b, bucket))
         tables, keys = self._host_tables, self._table_keys
-        tables_changed = False
+        width = 0  # widest block table among the rows rewritten this step
         for i, (seq, _) in enumerate(batch):
             p = seq.num_computed
             ids[i] = seq.token_ids[p]
             pos[i] = p
             blk, off = divmod(p, block_size)
-            full = seq.block_tables[FULL]
-            width = max(width, len(full))
-            for g in groups:
-                slots[g][i] = seq.block_tables[g][blk] * block_size + off
-            # a row's tables change when its sequence does, grows a block, or drops one out of
-            # the sliding window (-1); only then are they rewritten
-            key = (seq.seq_id, seq.num_preemptions, len(full), seq.block_tables[SLIDING].count(-1))
+            seq_tables = seq.block_tables
+            slots_full[i] = seq_tables[FULL][blk] * block_size + off
+            if has_sliding:
+                slots_sliding[i] = seq_tables[SLIDING][blk] * block_size + off
+            # the block manager bumps tables_version on every change to a sequence's tables
+            key = (seq.seq_id, seq.tables_version)
             if keys[i] != key:
                 keys[i] = key
-                tables_changed = True
-                for g in groups:
-                    t = seq.block_tables[g]
-                    tables[g, i, : len(t)] = t
-        self.staged[:, :bucket].copy_(torch.tensor([ids, pos, slots[FULL], slots[SLIDING]]), non_blocking=True)
-        if tables_changed:
-            self.tables[:, :bucket, :width].copy_(torch.from_numpy(tables[:, :bucket, :width]), non_blocking=True)
-        if feed is not None and any(r >= 0 for r in feed):
-            src = torch.tensor(feed + [-1] * pad).to(self.input_ids.device, non_blocking=True)
-            fed = self.last_ids[:bucket].gather(0, src.clamp(min=0))
-            self.input_ids[:bucket] = torch.where(src >= 0, fed, self.input_ids[:bucket])
-        # the key holds the params objects, so an identity match cannot be a recycled id
+                full = seq_tables[FULL]
+                width = max(width, len(full))
+                tables[FULL, i, : len(full)] = full
+                if has_sliding:
+                    sl = seq_tables[SLIDING]
+                    tables[SLIDING, i, : len(sl)] = sl
+        turn = self._staged_turn = (self._staged_turn + 1) % len(self._host_staged)
+        staged = self._host_staged_np[turn]
+        if feed is None:
+            staged[:4, :bucket] = (ids, pos, slots_full, slots_sliding)
+        else:
+            staged[1:6, :bucket] = (pos, slots_full, slots_sliding, feed, ids)
+        if not self._shared_host:
+            self.staged[:6, :bucket].copy_(self._host_staged[turn][:, :bucket], non_blocking=True)
+            if width:
+                self.tables[:, :bucket, :width].copy_(torch.from_numpy(tables[:, :bucket, :width]), non_blocking=True)
+        if feed is not None:
+            # one gather: a fed row's id from the previous launch's ids (its rows may reach past
+            # this step's bucket), any other row's from the host's
+            torch.index_select(self._feed_pool, 0, self.feed[:bucket], out=self.input_ids[:bucket])
+        # A row's sampling parameters and seed are fixed for its sequence's life: the rows are
+        # rewritten only when the batch's sequences change (the key holds them, so an identity
+        # match cannot be a recycled id). Positions are set on the device in the step.
         key = self._sampling_key
-        if key is None or len(key[0]) != b or not all(map(operator.is_, key[0], params)) or key[1] != seeds:
-            self._sampling_key = (tuple(params), seeds)
-            self.sampling.fill(params, seeds, pos[:b])  # positions: set in the step
+        if key is None or len(key[0]) != b or not all(map(operator.is_, key[0], map(_first, batch))):
+            seqs = tuple(seq for seq, _ in batch)
+            params = [seq.params for seq in seqs]
+            self.sampling.fill(params, [seed_of(seq) for seq in seqs], pos[:b])
+            key = self._sampling_key = (seqs, candidate_count(params) is None, any(p.logprobs for p in params),
+                                        all(p.greedy for p in params))
+        _, full_vocab, logprobs, greedy = key
         if not self.use_graphs:
-            out = self._step(bucket, logprobs, all(p.greedy for p in params))
+            out = self._step(bucket, logprobs, greedy)
         else:
             if bucket not in self.graphs:
                 self.graphs[bucket] = self._capture(bucket)
             graph, out = self.graphs[bucket]
             graph.replay()
-        sampled, lps, logits = (o[:b] for o in out)
-        if candidate_count(params) is None:  # a row without a small top_k: the whole vocabulary
-            sampled, lps = device_sample(logits, self.sampling.rows(b), None, logprobs)
-        self.last_ids[:b].copy_(sampled, non_blocking=True)
-        return sampled, lps, logits
+        sampled, lps, logits = (o[:b] for o in out) if bucket != b else out
+        if full_vocab:  # a row without a small top_k: the whole vocabulary
+            sampled, lps = device_sample(logits, self._views(b)[1], None, logprobs)
+        if launched:
+            self.last_ids[:b].copy_(sampled, non_blocking=True)
+        return sampled, lps, logits, logprobs
 
 
 class PendingStep:
@@ -341,7 +396,9 @@ class ModelRunner:
         for seq, n in batch:
             if n != 1 or seq.num_computed + 1 != len(seq.token_ids):
                 return False
-            width = max(width, len(seq.block_tables[FULL]))
+            w = len(seq.block_tables[FULL])
+            if w > width:
+                width = w
         return self.decode.fits(len(batch), width)
 
     def can_launch(self, batch: list[tuple[Sequence, int]]) -> bool:
@@ -354,10 +411,7 @@ class ModelRunner:
         """One decode step, not waited for. feed[i] >= 0: sequence i's last token is still a
         placeholder, and its value is row feed[i] of the previous launch's sampled ids (on the
         device). The host reads this step's ids through the returned handle, one step later."""
-        seqs = [seq for seq, _ in batch]
-        params = [s.params for s in seqs]
-        tokens, token_lp, _ = self.decode.run(batch, self.block_size, self.has_sliding, params,
-                                              [self._seed(s) for s in seqs], any(p.logprobs for p in params), feed)
+        tokens, token_lp, _, _ = self.decode.run(batch, self.block_size, self.has_sliding, self._seed, feed)
         self._flip ^= 1
         return PendingStep(self._readback[self._flip], tokens, token_lp, len(batch))
 
@@ -365,22 +419,24 @@ class ModelRunner:
     def run(self, batch: list[tuple[Sequence, int]]) -> list[tuple[int, float | None, list[tuple[int, float]] | None]]:
         """One step. Returns, for each sequence that samples (in batch order),
         (token id, its logprob or None, top logprobs or None)."""
-        sampling = [seq for seq, n in batch if seq.num_computed + n == len(seq.token_ids)]
-        if not sampling:
-            ids, pos, meta, _ = self.prepare(batch)
-            self.model.forward(ids, pos, meta, self.kv_caches)
-            return []
-        params = [s.params for s in sampling]
-        seeds = [self._seed(s) for s in sampling]
-        want_lp = any(p.logprobs for p in params)
-        if len(sampling) == len(batch) and self.can_decode(batch):
-            tokens, token_lp, logits = self.decode.run(batch, self.block_size, self.has_sliding, params, seeds, want_lp)
+        if self.can_decode(batch):  # every row samples
+            sampling = [seq for seq, _ in batch]
+            tokens, token_lp, logits, want_lp = self.decode.run(batch, self.block_size, self.has_sliding, self._seed)
+            if not want_lp:  # the step's one read-back
+                return [(t, None, None) for t in tokens.tolist()]
         else:
+            sampling = [seq for seq, n in batch if seq.num_computed + n == len(seq.token_ids)]
+            if not sampling:
+                ids, pos, meta, _ = self.prepare(batch)
+                self.model.forward(ids, pos, meta, self.kv_caches)
+                return []
+            params = [s.params for s in sampling]
+            want_lp = any(p.logprobs for p in params)
             ids, pos, meta, rows = self.prepare(batch)
             hidden = self.model.forward(ids, pos, meta, self.kv_caches)[rows]
             logits = self.model.logits(hidden)
             t = SamplingTensors.allocate(len(rows), self.device)
-            t.fill(params, seeds, [len(s.token_ids) for s in sampling])
+            t.fill(params, [self._seed(s) for s in sampling], [len(s.token_ids) for s in sampling])
             tokens, token_lp = device_sample(logits, t, candidate_count(params), want_lp, all(p.greedy for p in params))
         # the step's one read-back (ids < 2^53 are exact in float64)
         host = torch.stack((tokens.double(), token_lp.double())).tolist()

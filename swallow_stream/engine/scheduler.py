@@ -57,19 +57,23 @@ class Scheduler:
         unfittable: list[Sequence] = []
         preempted = False
 
+        running = self.running
+        grow = self.kv.grow
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.num_uncomputed, budget)
-            while not self.kv.can_allocate(seq, n):
-                victim = self.running[-1]
-                self._preempt(victim)
-                preempted = True
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            n = len(seq.token_ids) - seq.num_computed
+            if n > budget:
+                n = budget
+            if not grow(seq, n):
+                while True:
+                    victim = running[-1]
+                    self._preempt(victim)
+                    preempted = True
+                    if victim is seq or grow(seq, n):
+                        break
                 if victim is seq:
                     break
-            if seq.status != SequenceStatus.RUNNING:
-                break
-            self.kv.allocate(seq, n)
             scheduled.append((seq, n))
             budget -= n
             i += 1

@@ -28,6 +28,9 @@ class Sequence:
 
     block_tables[g] lists the cache blocks of group g (0: full-attention layers, 1: sliding
     layers); a sliding group's entries for blocks before its window are -1 (returned to the pool).
+    Those -1 entries are always a prefix, `num_dropped_sliding` long. The block manager bumps
+    `tables_version` whenever it changes either table, so (seq_id, tables_version) names a
+    table's contents (the model runner rewrites a row's device table only when that changes).
     """
 
     def __init__(
@@ -43,6 +46,9 @@ class Sequence:
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
+        # generation ends at this length: prompt + max_tokens (the engine's submit caps
+        # max_tokens to what the context and the KV cache hold)
+        self.max_len = self.num_prompt_tokens + params.max_tokens if params.max_tokens is not None else 1 << 62
         self.cache_salt = cache_salt  # prefix-cache tenant: blocks are shared only within one salt
         self.emit = emit
         self.status = SequenceStatus.WAITING
@@ -51,6 +57,8 @@ class Sequence:
         self.num_preemptions = 0
         self.released = False  # its admission slot was given back (cancelled or finished)
         self.block_tables: list[list[int]] = [[], []]
+        self.num_dropped_sliding = 0  # leading -1 entries of block_tables[1]
+        self.tables_version = 0
         self.block_hashes: list[int] = []  # chained hashes of the full blocks computed so far
         self.generator: torch.Generator | None = None
         self.finish_reason: str | None = None

@@ -10,6 +10,7 @@ from typing import NamedTuple, Sequence
 from .tokenizer import Tokenizer, get_tokenizer
 from .tokens import (
     ANSWER_CHANNELS,
+    N_ORDINARY,
     TOKEN_CALL,
     TOKEN_CHANNEL,
     TOKEN_CONSTRAIN,
@@ -20,6 +21,8 @@ from .tokens import (
 )
 
 log = logging.getLogger(__name__)
+
+_utf8_decode = codecs.utf_8_decode  # (data, errors, final) -> (text, bytes consumed)
 
 
 class TokenPiece(NamedTuple):
@@ -64,7 +67,10 @@ class HarmonyStreamParser:
 
     def __init__(self, tokenizer: Tokenizer | None = None, *, role: str | None = "assistant"):
         self._tok = tokenizer if tokenizer is not None else get_tokenizer()
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._token_bytes = self._tok.bytes_table()  # id -> bytes, for the ordinary-text fast path
+        # bytes of an incomplete UTF-8 character, held until the next token completes it (what
+        # codecs' incremental decoder keeps, without its call layers: this runs once per token)
+        self._held = b""
         self._reasoning: list[str] = []
         self._answer: list[str] = []
         self.reasoning_tokens = 0
@@ -72,7 +78,7 @@ class HarmonyStreamParser:
         self.channel: str | None = None
         self.recipient: str | None = None
         self._state = _LOOSE
-        self._text_channel: str | None = None  # channel of the bytes held by _decoder
+        self._text_channel: str | None = None  # channel of the bytes in _held
         if role is not None:
             self._begin_header(role.encode())
 
@@ -109,7 +115,9 @@ class HarmonyStreamParser:
 
     def _stream(self, data: bytes, channel: str | None) -> str:
         self._text_channel = channel
-        text = self._decoder.decode(data)
+        data = self._held + data
+        text, used = _utf8_decode(data, "replace", False)
+        self._held = data[used:]
         if text:
             self._emit(text, channel)
         return text
@@ -117,7 +125,7 @@ class HarmonyStreamParser:
     def _flush_text(self) -> str:
         # Bytes still held are the valid start of a character the model never finished (cut by
         # a control token, max_tokens or a stop): dropped, so no text ends in U+FFFD.
-        self._decoder.reset()
+        self._held = b""
         return ""
 
     def _abandon_header(self, final: bool) -> str:
@@ -130,11 +138,27 @@ class HarmonyStreamParser:
         return text
 
     def feed(self, token_id: int) -> TokenPiece:
+        state = self._state
+        if state != _HEADER and type(token_id) is int and 0 <= token_id < N_ORDINARY:
+            # The common case, inlined (`_feed` then `_stream`): ordinary text inside a message
+            # (or loose text outside one).
+            channel = self.channel if state == _CONTENT else None
+            self._text_channel = channel
+            data = self._held + self._token_bytes[token_id]
+            text, used = _utf8_decode(data, "replace", False)
+            self._held = data[used:]
+            if channel == "analysis":
+                self.reasoning_tokens += 1
+                if text:
+                    self._reasoning.append(text)
+            elif text:
+                self._emit(text, channel)
+            return TokenPiece(token_id, text, channel, False)
         try:
             return self._feed(int(token_id))
         except Exception:  # defensive: a stream must never die on model output
             log.warning("harmony parser reset after token %r", token_id, exc_info=True)
-            self._decoder.reset()
+            self._held = b""
             self._state = _LOOSE
             self.role = self.channel = self.recipient = None
             return TokenPiece(token_id, "", None, True)
@@ -249,7 +273,7 @@ class HarmonyStreamParser:
             return self._flush_text()
         except Exception:
             log.warning("harmony parser flush failed", exc_info=True)
-            self._decoder.reset()
+            self._held = b""
             return ""
 
 

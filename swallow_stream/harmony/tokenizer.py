@@ -145,6 +145,10 @@ class Tokenizer:
             return self._bytes[token_id]
         return b""
 
+    def bytes_table(self) -> list[bytes]:
+        """id -> raw bytes for every id in [0, VOCAB_SIZE) (as `token_bytes`); not to be modified."""
+        return self._bytes
+
     def is_special(self, token_id: int) -> bool:
         return not 0 <= token_id < N_ORDINARY
 
