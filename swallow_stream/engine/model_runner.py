@@ -115,7 +115,8 @@ class StaticDecode:
             self._host_staged = [self.staged]
             self._host_tables = self.tables.numpy()
         else:
-            self._host_staged = [torch.zeros((6, n), dtype=torch.int64, pin_memory=True) for _ in range(2)]
+            pin = dev.type == "cuda"  # pinned memory exists only beside CUDA
+            self._host_staged = [torch.zeros((6, n), dtype=torch.int64, pin_memory=pin) for _ in range(2)]
             self._host_tables = np.zeros((2, n, max_blocks), dtype=np.int32)
         self._host_staged_np = [t.numpy() for t in self._host_staged]
         self._staged_turn = 0
