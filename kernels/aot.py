@@ -130,14 +130,13 @@ def engine_configs() -> list[KernelConfig]:
 
     attn_types = {
         **_ptrs(bf, "q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr"),
-        **_ptrs("i32", "block_tables_ptr", "seq_lens_ptr", "qsl_ptr"),
+        **_ptrs("i32", "block_tables_ptr", "seq_lens_ptr", "qsl_ptr", "ticket_ptr"),
         **_ptrs("fp32", "sinks_ptr", "part_acc_ptr", "part_ml_ptr"),
         **_ints("num_seqs", "stride_qt", "stride_qh", "stride_bt", "stride_ot", "stride_oh", "window"),
         "scale_log2": "fp32",
     }
     attn_launches = {f"decode(batch {b}, {kind})": (b, b, w) for b in DECODE_BUCKETS for kind, w in (("full", 0), ("sliding", 128))}
     attn_launches.update({"prefill(2k, sliding)": (PREFILL_TOKENS, 1, 128), "prefill(2k, full)": (PREFILL_TOKENS, 1, 0)})
-    combines = set()
     for label, (t, b, window) in attn_launches.items():
         lc = attention.launch_config(t, b, HQ, HK, HEAD_DIM, MAX_CONTEXT, window, H100_SMS)
         c, o = _split(lc)
@@ -145,13 +144,6 @@ def engine_configs() -> list[KernelConfig]:
             f"attention {label}", attention.attn_kernel, attn_types,
             {**c, "HQ": HQ, "HK": HK, "D": HEAD_DIM, "BLOCK_SIZE": BLOCK_SIZE}, o,
             div16=("stride_qt", "stride_qh", "stride_ot", "stride_oh"), tensor_cores=t > b, decode=t == b))
-        if lc["NUM_SPLITS"] > 1 and lc["NUM_SPLITS"] not in combines:
-            combines.add(lc["NUM_SPLITS"])
-            out.append(KernelConfig(
-                f"attention combine({lc['NUM_SPLITS']} splits)", attention.attn_combine_kernel,
-                {**_ptrs("fp32", "part_acc_ptr", "part_ml_ptr"), **_ptrs(bf, "out_ptr"), **_ints("stride_ot", "stride_oh")},
-                {"HQ": HQ, "D": HEAD_DIM, "BLOCK_D": HEAD_DIM, "NUM_SPLITS": lc["NUM_SPLITS"],
-                 "BLOCK_S": triton.next_power_of_2(lc["NUM_SPLITS"])}, {"num_warps": 1}, div16=("stride_ot", "stride_oh")))
 
     mx_types = {**_ptrs("i32", "w_ptr", "sorted_ptr", "tile_expert_ptr", "tile_row_ptr", "tile_len_ptr"),
                 **_ptrs("u8", "s_ptr"), **_ptrs("fp32", "bias_ptr")}
