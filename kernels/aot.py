@@ -161,6 +161,14 @@ def engine_configs() -> list[KernelConfig]:
                 div16=("H", "stride_x", "stride_w"), decode=decode))
             mc = moe.launch_config(t, TOP_K, e)
             p = t * TOP_K
+            if decode:  # decode: norm + router + grouping fused (moe.route_group)
+                out.append(KernelConfig(
+                    f"route_group {size} {label}", moe.route_group_kernel,
+                    {**_ptrs(bf, "x_ptr", "w_ptr", "b_ptr", "h_ptr"), **_ptrs("fp32", "norm_w_ptr", "weights_ptr", "logits_ptr"),
+                     **_ptrs("i32", "ids_ptr", "sorted_ptr", "tile_expert_ptr", "tile_row_ptr", "tile_len_ptr", "ticket_ptr"),
+                     **_ints("T", "H", "E", "NUM_TILES", "stride_x", "stride_w"), "eps": "fp32"},
+                    *_split({"TOP_K": TOP_K, "BLOCK_K": TOP_K, **moe.route_group_config(t, e, TOP_K)}),
+                    div16=("H", "stride_x", "stride_w"), decode=True))
             out.append(KernelConfig(
                 f"group {size} {label}", moe.group_kernel,
                 {**_ptrs("i32", "ids_ptr", "sorted_ptr", "tile_expert_ptr", "tile_row_ptr", "tile_len_ptr"), **_ints("P", "E", "NUM_TILES")},
