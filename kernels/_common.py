@@ -73,6 +73,19 @@ INTERPRET = tl.constexpr(interpreting())
 
 
 @triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """fp32 x -> dtype, rounded to nearest even as GPUs convert. The interpreter truncates fp32 ->
+    bf16 (it drops the low bits), which biases every rounding of the stream towards zero; there
+    the bits are rounded first (compiled kernels: a plain conversion)."""
+    if INTERPRET:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits += 0x7FFF + ((bits >> 16) & 1)
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def mma(a, b, acc):
     """acc + a @ b with fp32 accumulation. The interpreter multiplies bf16 operands as their raw
     uint16 bits, so there they are widened first (exact: bf16 products fit fp32)."""

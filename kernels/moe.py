@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._common import (ACT_DTYPES, cdiv, check, check_device, check_dtype, check_shape, last_to_arrive, mma, next_pow2,
-                      tickets)
+                      round_to, tickets)
 from .mxfp4 import ACC_SCALE as _ACC_SCALE, dequant, pack_mxfp4, scale_pad
 
 ACC_SCALE = tl.constexpr(_ACC_SCALE)
@@ -103,7 +103,7 @@ def _router_logits(x_ptr, w_ptr, b_ptr, norm_w_ptr, h_ptr, logits_ptr, rows, row
         xt = tl.load(x_rows + hh[None, :], mask=x_ok, other=0.0)
         if NORM:
             nw = tl.load(norm_w_ptr + hh, mask=hh < H, other=0.0)
-            xt = (nw[None, :] * (xt.to(tl.float32) * inv[:, None])).to(x_ptr.dtype.element_ty)
+            xt = round_to(nw[None, :] * (xt.to(tl.float32) * inv[:, None]), x_ptr.dtype.element_ty)
             if WRITE_H:
                 tl.store(h_ptr + rows[:, None].to(tl.int64) * H + hh[None, :], xt, mask=x_ok)
         wt = tl.load(w_ptr + ec[None, :] * stride_w + hh[:, None],
