@@ -27,7 +27,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import attention, moe, norm, rope
+from . import attention, layer, moe, norm, rope
 
 # gpt-oss shapes (both sizes): hidden 2880, intermediate 2880, 64 q / 8 kv heads of 64, block 16.
 HIDDEN = 2880
@@ -52,7 +52,8 @@ class KernelConfig:
     options: dict = field(default_factory=dict)
     div16: tuple = ()  # integer args the engine always passes as multiples of 16
     tensor_cores: bool = False  # must use wgmma on sm_90
-    loop_weight_bytes: int = 0  # MoE matmuls: weight bytes (words + scales) one K step streams, whole CTA
+    loop_weight_bytes: int = 0  # matmuls: weight bytes one K step streams, whole CTA (MXFP4: words + scales)
+    weight_format: str = "mxfp4"  # of the loop's weights: "mxfp4" (MoE) or "bf16" (the layer's skinny GEMMs)
     decode: bool = False  # a decode-step launch (the static test bounds their MoE main loops)
 
     def key(self) -> tuple:
@@ -84,7 +85,7 @@ def _ints(*names: str) -> dict:
 
 def _split(cfg: dict) -> tuple[dict, dict]:
     """Launcher config -> (constexprs, compile options)."""
-    opts = {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
+    opts = {k: cfg[k] for k in ("num_warps", "num_stages", "maxnreg") if k in cfg}
     return {k: v for k, v in cfg.items() if k not in opts}, opts
 
 
@@ -127,6 +128,31 @@ def engine_configs() -> list[KernelConfig]:
         {**_ptrs(bf, "k_ptr", "v_ptr", "k_cache_ptr", "v_cache_ptr"), **_ptrs("i64", "slot_ptr"),
          **_ints("stride_kt", "stride_kh", "stride_vt", "stride_vh", "HK", "D")},
         {"BLOCK_H": HK, "BLOCK_D": HEAD_DIM}, {"num_warps": 1}, div16=("stride_kt", "stride_kh", "stride_vt", "stride_vh")))
+
+    # The decode layer's skinny GEMMs (layer.py): attn_in after the embedding (no residual yet) and
+    # after a layer (MoE partials fp32 [T, 4, H] + residual), attn_out. One config serves every
+    # decode bucket (token tile 16); listed per bucket like the other decode launches.
+    for b in DECODE_BUCKETS:
+        ac = layer.attn_in_config(b)
+        rows = 2 * (HEAD_DIM // 2)  # one head a program: two halves
+        for first in (True, False):
+            out.append(KernelConfig(
+                f"attn_in{'(first layer)' if first else ''} decode(batch {b})", layer.attn_in_kernel,
+                {**_ptrs("bf16" if first else "fp32", "x_ptr"),
+                 **_ptrs(bf, "res_ptr", "res_out_ptr", "w_ptr", "b_ptr", "q_out_ptr", "k_cache_ptr", "v_cache_ptr"),
+                 **_ptrs("fp32", "norm_w_ptr", "cos_ptr", "sin_ptr"), **_ptrs("i64", "pos_ptr", "slot_ptr"),
+                 **_ints("T", "stride_x", "stride_r"), "eps": "fp32"},
+                *_split({**ac, "H": HIDDEN, "HQ": HQ, "HK": HK, "D": HEAD_DIM, "PARTS": 0 if first else TOP_K,
+                         "HAS_RESIDUAL": not first}),
+                div16=("stride_x", "stride_r"), decode=True, weight_format="bf16",
+                loop_weight_bytes=rows * ac["BLOCK_K"] * 2))
+        oc = layer.attn_out_config(b)
+        out.append(KernelConfig(
+            f"attn_out decode(batch {b})", layer.attn_out_kernel,
+            {**_ptrs(bf, "o_ptr", "w_ptr", "b_ptr", "res_ptr", "res_out_ptr"), **_ints("T", "stride_o", "stride_r")},
+            *_split({**oc, "H": HIDDEN, "K": HQ * HEAD_DIM}),
+            div16=("stride_o", "stride_r"), decode=True, weight_format="bf16",
+            loop_weight_bytes=oc["BLOCK_N"] * oc["BLOCK_K"] * 2))
 
     attn_types = {
         **_ptrs(bf, "q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr"),

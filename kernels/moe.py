@@ -3,6 +3,8 @@
     route:    logits = x W^T + b (fp32) -> top-k -> softmax over the k     [T, k] fp32, [T, k] int32
               (E/16 programs a token block score the experts; the last to finish takes the top-k)
     group:    (token, slot) pairs sorted by expert and cut into M-tiles of one expert each
+    route_group (decode, T <= 128): RMSNorm + route + group in one launch; the last token block
+              to finish its top-k groups all the pairs (`moe` = route_group, gate_up, down)
     gate_up:  act[row] = swiglu(x[token] @ Wgu_e^T + b_e)
     down:     y[pair]  = w[pair] * (act[row] @ Wd_e^T + b_e)
     combine:  out[t]   = sum_j y[t*k + j]
@@ -551,9 +553,11 @@ def group_by_expert(expert_ids: torch.Tensor, num_experts: int, block_m: int) ->
 
 def route_group_config(num_tokens: int, num_experts: int, top_k: int) -> dict:
     """route_config's router tiles, group_config's chunks (its BLOCK_E renamed GROUP_E), the
-    expert matmuls' token tile, and the larger of the two warp counts (the grouping's)."""
+    expert matmuls' token tile, and the larger of the two warp counts (the grouping's). The
+    counting sort's one-hot tiles are halved (2k elements): next to the router's state the 4k
+    tiles spilled 8 bytes on sm_80 (20B, T >= 16)."""
     rc, gc = route_config(num_tokens, num_experts), group_config(num_tokens * top_k, num_experts)
-    return {**rc, "BLOCK_M": launch_config(num_tokens, top_k, num_experts)["BLOCK_M"], "BLOCK_P": gc["BLOCK_P"],
+    return {**rc, "BLOCK_M": launch_config(num_tokens, top_k, num_experts)["BLOCK_M"], "BLOCK_P": max(16, gc["BLOCK_P"] // 2),
             "GROUP_E": gc["BLOCK_E"], "BLOCK_TILES": gc["BLOCK_TILES"], "num_warps": max(rc["num_warps"], gc["num_warps"])}
 
 

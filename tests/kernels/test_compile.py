@@ -47,8 +47,9 @@ def _configs():
 
 CONFIGS, BUCKETS = _configs()
 NAMES = [c.name for c in CONFIGS]
-MOE_LOOPS = [c.name for c in CONFIGS if c.loop_weight_bytes]
-MOE_DECODE_LOOPS = [c.name for c in CONFIGS if c.loop_weight_bytes and c.decode]
+MOE_LOOPS = [c.name for c in CONFIGS if c.loop_weight_bytes and c.weight_format == "mxfp4"]
+MOE_DECODE_LOOPS = [c.name for c in CONFIGS if c.name in MOE_LOOPS and c.decode]
+GEMV_LOOPS = [c.name for c in CONFIGS if c.loop_weight_bytes and c.weight_format == "bf16"]
 
 
 def test_engine_configs_cover_every_bucket():
@@ -57,11 +58,13 @@ def test_engine_configs_cover_every_bucket():
         assert needed in joined, needed
     for size in ("20b", "120b"):
         for b in BUCKETS:
-            for kernel in ("route", "group", "moe gate_up", "moe down"):
+            for kernel in ("route", "group", "route_group", "moe gate_up", "moe down"):
                 assert f"{kernel} {size} decode(batch {b})" in NAMES
             assert f"moe gate_up {size} prefill(2k)" in NAMES
     for b in BUCKETS:
         assert f"attention decode(batch {b}, full)" in NAMES and f"attention decode(batch {b}, sliding)" in NAMES
+        for kernel in ("attn_in(first layer)", "attn_in", "attn_out"):  # the decode layer's skinny GEMMs
+            assert f"{kernel} decode(batch {b})" in NAMES
     assert len(MOE_DECODE_LOOPS) == 2 * 2 * len(BUCKETS)
 
 
@@ -90,6 +93,19 @@ def test_moe_main_loop_streams_weights_in_16_byte_loads(compiled, name, arch):
     loads = r["loop_global_loads"]
     assert r["widest_global_load"] == 16
     assert loads.get("16", 0) * 16 >= word_bytes, f"{name} sm_{arch}: loads {loads} for {word_bytes:.0f} B of words"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", GEMV_LOOPS)
+def test_skinny_gemm_main_loop_streams_bf16_weights_in_16_byte_loads(compiled, name, arch):
+    """attn_in / attn_out: the weight tiles a thread consumes per K step (bf16, contiguous K) arrive
+    in 16-byte loads."""
+    r = compiled[(name, arch)]
+    cfg = CONFIGS[NAMES.index(name)]
+    weight_bytes = cfg.loop_weight_bytes / (32 * cfg.options["num_warps"])
+    loads = r["loop_global_loads"]
+    assert r["widest_global_load"] == 16
+    assert loads.get("16", 0) * 16 >= weight_bytes, f"{name} sm_{arch}: loads {loads} for {weight_bytes:.0f} B of weights"
 
 
 @pytest.mark.parametrize("arch", ARCHS)

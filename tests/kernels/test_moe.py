@@ -325,3 +325,27 @@ def test_experts_reject_bad_input(device):
         experts(torch.randn(2, 96, device=device), rw, ids, w, 7.0)
     with pytest.raises(ValueError, match="MoEWeights"):
         experts(x, rw, ids, mxfp4_experts(4, 64, 32, device), 7.0)
+
+
+@pytest.mark.parametrize("t,dense", [(3, False), (130, False), (3, True)])
+def test_opset_moe_block_matches_torch_opset(device, assert_close, t, dense):
+    """The OpSet's `moe` on both sets: decode (fused launches), prefill (T > 128: rms_norm, route,
+    group, matmuls) and dense experts (the torch expert path after the Triton norm and router)."""
+    from swallow_stream.ops import TORCH_OPS
+
+    e, h, inter, k = 8, 64, 32, 2
+    if dense:
+        g = torch.Generator().manual_seed(0)
+        w = ExpertWeights(gate_up_bias=torch.randn(e, 2 * inter, generator=g).to(device),
+                          down_bias=torch.randn(e, h, generator=g).to(device),
+                          gate_up=(torch.randn(e, h, 2 * inter, generator=g) / 8).to(device),
+                          down=(torch.randn(e, inter, h, generator=g) / 8).to(device))
+        w_ref = w
+    else:
+        w = mxfp4_experts(e, h, inter, device, seed=t)
+        w_ref = _to(w, device)
+    x, nw, wt, b = router_case(t, h, e, torch.float32, device, seed=t)
+    y, ids = triton_ops().moe(x, nw, 1e-5, wt, b, k, w, 7.0)
+    y_ref, ids_ref = TORCH_OPS.moe(x, nw, 1e-5, wt, b, k, w_ref, 7.0)
+    assert torch.equal(ids, ids_ref)
+    assert_close(y, y_ref, torch.float32, scale=2)
