@@ -54,6 +54,7 @@ class KernelConfig:
     tensor_cores: bool = False  # must use wgmma on sm_90
     loop_weight_bytes: int = 0  # matmuls: weight bytes one K step streams, whole CTA (MXFP4: words + scales)
     weight_format: str = "mxfp4"  # of the loop's weights: "mxfp4" (MoE) or "bf16" (the layer's skinny GEMMs)
+    loop_steps: int = 0  # bf16 skinny GEMMs: K steps (Triton may unroll a constexpr-bounded loop fully)
     decode: bool = False  # a decode-step launch (the static test bounds their MoE main loops)
 
     def key(self) -> tuple:
@@ -145,14 +146,14 @@ def engine_configs() -> list[KernelConfig]:
                 *_split({**ac, "H": HIDDEN, "HQ": HQ, "HK": HK, "D": HEAD_DIM, "PARTS": 0 if first else TOP_K,
                          "HAS_RESIDUAL": not first}),
                 div16=("stride_x", "stride_r"), decode=True, weight_format="bf16",
-                loop_weight_bytes=rows * ac["BLOCK_K"] * 2))
+                loop_weight_bytes=rows * ac["BLOCK_K"] * 2, loop_steps=triton.cdiv(HIDDEN, ac["BLOCK_K"])))
         oc = layer.attn_out_config(b)
         out.append(KernelConfig(
             f"attn_out decode(batch {b})", layer.attn_out_kernel,
             {**_ptrs(bf, "o_ptr", "w_ptr", "b_ptr", "res_ptr", "res_out_ptr"), **_ints("T", "stride_o", "stride_r")},
             *_split({**oc, "H": HIDDEN, "K": HQ * HEAD_DIM}),
             div16=("stride_o", "stride_r"), decode=True, weight_format="bf16",
-            loop_weight_bytes=oc["BLOCK_N"] * oc["BLOCK_K"] * 2))
+            loop_weight_bytes=oc["BLOCK_N"] * oc["BLOCK_K"] * 2, loop_steps=triton.cdiv(HQ * HEAD_DIM, oc["BLOCK_K"])))
 
     attn_types = {
         **_ptrs(bf, "q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr"),
@@ -276,7 +277,8 @@ def main_loop(ins: list[tuple[int, str]]) -> list[str] | None:
 def analyse(cfg: KernelConfig, cubin: bytes) -> dict:
     ins = sass_instructions(cubin)
     widths = [load_width(o) for _, o in ins if _GLOBAL_LOAD.match(_opcode(o)) and "LDGDEPBAR" not in o]
-    out = {"instructions": len(ins), "widest_global_load": max(widths, default=0)}
+    out = {"instructions": len(ins), "widest_global_load": max(widths, default=0),
+           "global_loads": {str(k): v for k, v in sorted(Counter(widths).items())}}
     if cfg.loop_weight_bytes:
         threads = 32 * cfg.options.get("num_warps", 4)
         body = main_loop(ins) or []

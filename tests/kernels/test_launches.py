@@ -45,31 +45,36 @@ class LaunchLog(TorchDispatchMode):
 
     @contextlib.contextmanager
     def counting_triton(self):
+        """Logs each `kernel[grid](...)` launch (compiled or interpreted, any Triton >= 3.4)."""
         import triton.runtime.interpreter as interp
         import triton.runtime.jit as jit
 
         log = self
         patched = []
         for cls in (interp.InterpretedFunction, jit.JITFunction):
-            orig = cls.run
+            orig = cls.__getitem__
 
-            def run(fn, *args, _orig=orig, **kwargs):
-                if kwargs.get("warmup"):
-                    return _orig(fn, *args, **kwargs)
-                log.events.append(("triton", fn.fn.__name__ if hasattr(fn, "fn") else str(fn)))
-                log.in_kernel += 1
-                try:
-                    return _orig(fn, *args, **kwargs)
-                finally:
-                    log.in_kernel -= 1
+            def getitem(fn, grid, _orig=orig):
+                launch = _orig(fn, grid)
+                name = fn.fn.__name__ if hasattr(fn, "fn") else str(fn)
 
-            cls.run = run
+                def counted(*args, **kwargs):
+                    log.events.append(("triton", name))
+                    log.in_kernel += 1
+                    try:
+                        return launch(*args, **kwargs)
+                    finally:
+                        log.in_kernel -= 1
+
+                return counted
+
+            cls.__getitem__ = getitem
             patched.append((cls, orig))
         try:
             yield
         finally:
             for cls, orig in patched:
-                cls.run = orig
+                cls.__getitem__ = orig
 
     def per_layer(self) -> list[list[str]]:
         """Launches between consecutive layer marks; the last layer ends at the loop's end mark."""
@@ -147,4 +152,5 @@ def test_decode_layer_launches_at_most_six(tiny_model, batch, split):
     assert len(per_layer) == tiny_model.cfg.num_hidden_layers
     assert splits and all((s > 1) == split for s in splits), splits
     for i, launches in enumerate(per_layer):
+        assert "attn_kernel" in launches, launches  # the log sees the layer's launches
         assert len(launches) <= MAX_LAUNCHES_PER_LAYER, f"layer {i}: {len(launches)} launches {launches}"
