@@ -73,6 +73,19 @@ INTERPRET = tl.constexpr(interpreting())
 
 
 @triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """fp32 x -> dtype, rounded to nearest even as GPUs convert. The interpreter truncates fp32 ->
+    bf16 (it drops the low bits), which biases every rounding of the stream towards zero; there
+    the bits are rounded first (compiled kernels: a plain conversion)."""
+    if INTERPRET:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits += 0x7FFF + ((bits >> 16) & 1)
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def mma(a, b, acc):
     """acc + a @ b with fp32 accumulation. The interpreter multiplies bf16 operands as their raw
     uint16 bits, so there they are widened first (exact: bf16 products fit fp32)."""
@@ -80,3 +93,32 @@ def mma(a, b, acc):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision="ieee")
+
+
+# A gpu-scope release/acquire fence (as an elementwise asm: Triton has no fence op).
+FENCE_ASM = tl.constexpr("fence.acq_rel.gpu; mov.b32 $0, $1;")
+
+
+@triton.jit
+def last_to_arrive(ticket_ptr, arrivals, anchor):
+    """Counts this program in at `ticket_ptr` once its global writes are visible gpu-wide; true in
+    the one program that arrives last of `arrivals`, which may then read all of their writes (with
+    .cg loads: L1 is not coherent) and must reset the ticket to 0 (`tl.store(ticket_ptr, 0)`) so
+    the next launch, or CUDA-graph replay, finds it zero. `anchor`: any tensor (the asm needs one)."""
+    if not INTERPRET:
+        tl.inline_asm_elementwise(FENCE_ASM, "=r,r", [anchor], dtype=tl.int32, is_pure=False, pack=1)
+    tl.debug_barrier()
+    return tl.atomic_add(ticket_ptr, 1) == arrivals - 1
+
+
+_TICKETS: dict[tuple[torch.device, str], torch.Tensor] = {}
+
+
+def tickets(device: torch.device, n: int, owner: str) -> torch.Tensor:
+    """Zeroed int32 tickets for `last_to_arrive`, one buffer per (device, owner kernel); every
+    launch leaves them zero again. Allocated (one fill launch) on first use only."""
+    buf = _TICKETS.get((device, owner))
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _TICKETS[(device, owner)] = buf
+    return buf

@@ -27,7 +27,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import attention, moe, norm, rope
+from . import attention, layer, moe, norm, rope
 
 # gpt-oss shapes (both sizes): hidden 2880, intermediate 2880, 64 q / 8 kv heads of 64, block 16.
 HIDDEN = 2880
@@ -52,7 +52,9 @@ class KernelConfig:
     options: dict = field(default_factory=dict)
     div16: tuple = ()  # integer args the engine always passes as multiples of 16
     tensor_cores: bool = False  # must use wgmma on sm_90
-    loop_weight_bytes: int = 0  # MoE matmuls: weight bytes (words + scales) one K step streams, whole CTA
+    loop_weight_bytes: int = 0  # matmuls: weight bytes one K step streams, whole CTA (MXFP4: words + scales)
+    weight_format: str = "mxfp4"  # of the loop's weights: "mxfp4" (MoE) or "bf16" (the layer's skinny GEMMs)
+    loop_steps: int = 0  # bf16 skinny GEMMs: K steps (Triton may unroll a constexpr-bounded loop fully)
     decode: bool = False  # a decode-step launch (the static test bounds their MoE main loops)
 
     def key(self) -> tuple:
@@ -84,7 +86,7 @@ def _ints(*names: str) -> dict:
 
 def _split(cfg: dict) -> tuple[dict, dict]:
     """Launcher config -> (constexprs, compile options)."""
-    opts = {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
+    opts = {k: cfg[k] for k in ("num_warps", "num_stages", "maxnreg") if k in cfg}
     return {k: v for k, v in cfg.items() if k not in opts}, opts
 
 
@@ -128,16 +130,40 @@ def engine_configs() -> list[KernelConfig]:
          **_ints("stride_kt", "stride_kh", "stride_vt", "stride_vh", "HK", "D")},
         {"BLOCK_H": HK, "BLOCK_D": HEAD_DIM}, {"num_warps": 1}, div16=("stride_kt", "stride_kh", "stride_vt", "stride_vh")))
 
+    # The decode layer's skinny GEMMs (layer.py): attn_in after the embedding (no residual yet) and
+    # after a layer (MoE partials fp32 [T, 4, H] + residual), attn_out. One config serves every
+    # decode bucket (token tile 16); listed per bucket like the other decode launches.
+    for b in DECODE_BUCKETS:
+        ac = layer.attn_in_config(b)
+        rows = 2 * (HEAD_DIM // 2)  # one head a program: two halves
+        for first in (True, False):
+            out.append(KernelConfig(
+                f"attn_in{'(first layer)' if first else ''} decode(batch {b})", layer.attn_in_kernel,
+                {**_ptrs("bf16" if first else "fp32", "x_ptr"),
+                 **_ptrs(bf, "res_ptr", "res_out_ptr", "w_ptr", "b_ptr", "q_out_ptr", "k_cache_ptr", "v_cache_ptr"),
+                 **_ptrs("fp32", "norm_w_ptr", "cos_ptr", "sin_ptr"), **_ptrs("i64", "pos_ptr", "slot_ptr"),
+                 **_ints("T", "stride_x", "stride_r"), "eps": "fp32"},
+                *_split({**ac, "H": HIDDEN, "HQ": HQ, "HK": HK, "D": HEAD_DIM, "PARTS": 0 if first else TOP_K,
+                         "HAS_RESIDUAL": not first}),
+                div16=("stride_x", "stride_r"), decode=True, weight_format="bf16",
+                loop_weight_bytes=rows * ac["BLOCK_K"] * 2, loop_steps=triton.cdiv(HIDDEN, ac["BLOCK_K"])))
+        oc = layer.attn_out_config(b)
+        out.append(KernelConfig(
+            f"attn_out decode(batch {b})", layer.attn_out_kernel,
+            {**_ptrs(bf, "o_ptr", "w_ptr", "b_ptr", "res_ptr", "res_out_ptr"), **_ints("T", "stride_o", "stride_r")},
+            *_split({**oc, "H": HIDDEN, "K": HQ * HEAD_DIM}),
+            div16=("stride_o", "stride_r"), decode=True, weight_format="bf16",
+            loop_weight_bytes=oc["BLOCK_N"] * oc["BLOCK_K"] * 2, loop_steps=triton.cdiv(HQ * HEAD_DIM, oc["BLOCK_K"])))
+
     attn_types = {
         **_ptrs(bf, "q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr"),
-        **_ptrs("i32", "block_tables_ptr", "seq_lens_ptr", "qsl_ptr"),
+        **_ptrs("i32", "block_tables_ptr", "seq_lens_ptr", "qsl_ptr", "ticket_ptr"),
         **_ptrs("fp32", "sinks_ptr", "part_acc_ptr", "part_ml_ptr"),
         **_ints("num_seqs", "stride_qt", "stride_qh", "stride_bt", "stride_ot", "stride_oh", "window"),
         "scale_log2": "fp32",
     }
     attn_launches = {f"decode(batch {b}, {kind})": (b, b, w) for b in DECODE_BUCKETS for kind, w in (("full", 0), ("sliding", 128))}
     attn_launches.update({"prefill(2k, sliding)": (PREFILL_TOKENS, 1, 128), "prefill(2k, full)": (PREFILL_TOKENS, 1, 0)})
-    combines = set()
     for label, (t, b, window) in attn_launches.items():
         lc = attention.launch_config(t, b, HQ, HK, HEAD_DIM, MAX_CONTEXT, window, H100_SMS)
         c, o = _split(lc)
@@ -145,13 +171,6 @@ def engine_configs() -> list[KernelConfig]:
             f"attention {label}", attention.attn_kernel, attn_types,
             {**c, "HQ": HQ, "HK": HK, "D": HEAD_DIM, "BLOCK_SIZE": BLOCK_SIZE}, o,
             div16=("stride_qt", "stride_qh", "stride_ot", "stride_oh"), tensor_cores=t > b, decode=t == b))
-        if lc["NUM_SPLITS"] > 1 and lc["NUM_SPLITS"] not in combines:
-            combines.add(lc["NUM_SPLITS"])
-            out.append(KernelConfig(
-                f"attention combine({lc['NUM_SPLITS']} splits)", attention.attn_combine_kernel,
-                {**_ptrs("fp32", "part_acc_ptr", "part_ml_ptr"), **_ptrs(bf, "out_ptr"), **_ints("stride_ot", "stride_oh")},
-                {"HQ": HQ, "D": HEAD_DIM, "BLOCK_D": HEAD_DIM, "NUM_SPLITS": lc["NUM_SPLITS"],
-                 "BLOCK_S": triton.next_power_of_2(lc["NUM_SPLITS"])}, {"num_warps": 1}, div16=("stride_ot", "stride_oh")))
 
     mx_types = {**_ptrs("i32", "w_ptr", "sorted_ptr", "tile_expert_ptr", "tile_row_ptr", "tile_len_ptr"),
                 **_ptrs("u8", "s_ptr"), **_ptrs("fp32", "bias_ptr")}
@@ -169,6 +188,14 @@ def engine_configs() -> list[KernelConfig]:
                 div16=("H", "stride_x", "stride_w"), decode=decode))
             mc = moe.launch_config(t, TOP_K, e)
             p = t * TOP_K
+            if decode:  # decode: norm + router + grouping fused (moe.route_group)
+                out.append(KernelConfig(
+                    f"route_group {size} {label}", moe.route_group_kernel,
+                    {**_ptrs(bf, "x_ptr", "w_ptr", "b_ptr", "h_ptr"), **_ptrs("fp32", "norm_w_ptr", "weights_ptr", "logits_ptr"),
+                     **_ptrs("i32", "ids_ptr", "sorted_ptr", "tile_expert_ptr", "tile_row_ptr", "tile_len_ptr", "ticket_ptr"),
+                     **_ints("T", "H", "E", "NUM_TILES", "stride_x", "stride_w"), "eps": "fp32"},
+                    *_split({"TOP_K": TOP_K, "BLOCK_K": TOP_K, **moe.route_group_config(t, e, TOP_K)}),
+                    div16=("H", "stride_x", "stride_w"), decode=True))
             out.append(KernelConfig(
                 f"group {size} {label}", moe.group_kernel,
                 {**_ptrs("i32", "ids_ptr", "sorted_ptr", "tile_expert_ptr", "tile_row_ptr", "tile_len_ptr"), **_ints("P", "E", "NUM_TILES")},
@@ -250,7 +277,8 @@ def main_loop(ins: list[tuple[int, str]]) -> list[str] | None:
 def analyse(cfg: KernelConfig, cubin: bytes) -> dict:
     ins = sass_instructions(cubin)
     widths = [load_width(o) for _, o in ins if _GLOBAL_LOAD.match(_opcode(o)) and "LDGDEPBAR" not in o]
-    out = {"instructions": len(ins), "widest_global_load": max(widths, default=0)}
+    out = {"instructions": len(ins), "widest_global_load": max(widths, default=0),
+           "global_loads": {str(k): v for k, v in sorted(Counter(widths).items())}}
     if cfg.loop_weight_bytes:
         threads = 32 * cfg.options.get("num_warps", 4)
         body = main_loop(ins) or []

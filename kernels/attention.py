@@ -5,8 +5,10 @@ sequence times the G query heads that share one KV head (GQA packed into the M d
 M = BLOCK_Q * next_pow2(G) rows, so K/V are read once for the whole group and never repeated).
 It walks the sequence's KV tiles through the block table, with an online softmax whose state
 starts from the head's sink logit. Tiles wholly outside the causal range or the sliding window
-are not visited. For decode the KV range may be split over NUM_SPLITS programs (flash-decoding)
-whose partial (max, sum, acc) are merged by `attn_combine_kernel`.
+are not visited. For decode the KV range may be split over NUM_SPLITS programs (flash-decoding):
+each writes its partial (max, sum, acc), and the last of them to finish (a ticket per tile and KV
+head, `last_to_arrive`) merges them: no combine launch of its own (issue #10: <= 6 launches a
+decode layer).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ACT_DTYPES, mma, cdiv, check, check_device, check_dtype, check_shape, next_pow2, num_sms
+from ._common import (ACT_DTYPES, cdiv, check, check_device, check_dtype, check_shape, last_to_arrive, mma, next_pow2, num_sms,
+                      tickets)
 
 LOG2E = 1.4426950408889634
 
@@ -75,6 +78,7 @@ def attn_kernel(
     out_ptr,  # [T, HQ, D] when NUM_SPLITS == 1
     part_acc_ptr,  # [T, HQ, NUM_SPLITS, D] fp32 partial numerators when NUM_SPLITS > 1
     part_ml_ptr,  # [T, HQ, NUM_SPLITS, 2] fp32 partial (max, sum), log2 domain
+    ticket_ptr,  # [tiles, HK] int32, zero between launches (NUM_SPLITS > 1)
     num_seqs,
     stride_qt, stride_qh,
     stride_bt,
@@ -172,37 +176,30 @@ def attn_kernel(
         tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     else:
-        part = (tok * HQ + head) * NUM_SPLITS + split  # [M]
+        base = (tok * HQ + head) * NUM_SPLITS  # [M]
+        part = base + split
         tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
         tl.store(part_ml_ptr + part * 2, m_i, mask=row_ok)
         tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_ok)
-
-
-@triton.jit
-def attn_combine_kernel(
-    part_acc_ptr,  # [T, HQ, NUM_SPLITS, D] fp32
-    part_ml_ptr,  # [T, HQ, NUM_SPLITS, 2] fp32
-    out_ptr,  # [T, HQ, D]
-    stride_ot, stride_oh,
-    HQ: tl.constexpr,
-    D: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
-    t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    sp = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
-    s_ok = sp < NUM_SPLITS
-    base = (t * HQ + h) * NUM_SPLITS
-    m = tl.load(part_ml_ptr + (base + sp) * 2, mask=s_ok, other=float("-inf"))
-    l = tl.load(part_ml_ptr + (base + sp) * 2 + 1, mask=s_ok, other=0.0)
-    m_max = tl.max(m, axis=0)  # finite: split 0 holds the sink
-    w = tl.where(s_ok, tl.exp2(m - m_max), 0.0)
-    acc = tl.load(part_acc_ptr + (base + sp)[:, None] * D + d[None, :], mask=s_ok[:, None] & (d < D)[None, :], other=0.0)
-    o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
-    tl.store(out_ptr + t * stride_ot + h * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d < D)
+        ticket = ticket_ptr + tl.program_id(0) * HK + tl.program_id(1)
+        if last_to_arrive(ticket, NUM_SPLITS, part):
+            # Merge the splits' (max, sum, acc) of this program's rows, one split at a time; split
+            # 0 holds the sink, so the max is finite on every real row.
+            m_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            for s_ in range(NUM_SPLITS):
+                m_max = tl.maximum(m_max, tl.load(part_ml_ptr + (base + s_) * 2, mask=row_ok, other=0.0, cache_modifier=".cg"))
+            denom = tl.zeros([BLOCK_M], tl.float32)
+            o = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            for s_ in range(NUM_SPLITS):
+                w_s = tl.exp2(tl.load(part_ml_ptr + (base + s_) * 2, mask=row_ok, other=0.0, cache_modifier=".cg") - m_max)
+                denom += w_s * tl.load(part_ml_ptr + (base + s_) * 2 + 1, mask=row_ok, other=0.0, cache_modifier=".cg")
+                a_s = tl.load(part_acc_ptr + (base + s_)[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                              other=0.0, cache_modifier=".cg")
+                o += a_s * w_s[:, None]
+            o = o / tl.where(row_ok, denom, 1.0)[:, None]
+            tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                     o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+            tl.store(ticket, 0)
 
 
 def launch_config(
@@ -224,6 +221,11 @@ def launch_config(
             want = cdiv(2 * sms, max(1, num_seqs * hk))
             num_splits = max(1, min(want, max_tiles, 32))
     m = block_q * g_pad
+    # Split decode tiles also merge the splits (their last program): ptxas's own choice of 64
+    # registers then spilled 8 bytes on sm_90 (Triton 3.9), 96 still spilled under Triton 3.4; a
+    # 128-register budget holds it everywhere (occupancy is not the limit: a decode grid is a few
+    # hundred CTAs of 4 warps).
+    extra = {"maxnreg": 128} if num_splits > 1 else {}
     return {
         "G_PAD": g_pad,
         "BLOCK_Q": block_q,
@@ -232,6 +234,7 @@ def launch_config(
         "BLOCK_D": next_pow2(head_dim),
         "num_warps": 8 if m >= 128 else 4,
         "num_stages": 2 if m >= 128 else 3,
+        **extra,
     }
 
 
@@ -279,17 +282,13 @@ def paged_attention(
     else:
         part_acc = part_ml = out  # unused
     grid = (t // cfg["BLOCK_Q"] + bsz, hk, splits)
+    ticket = tickets(q.device, grid[0] * hk, "attention") if splits > 1 else seq_lens  # unused when 1 split
     attn_kernel[grid](
-        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, sinks, out, part_acc, part_ml,
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, sinks, out, part_acc, part_ml, ticket,
         bsz, q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
         float(scale) * LOG2E, int(window),
         HQ=hq, HK=hk, D=d, BLOCK_SIZE=bs, **cfg,
     )
-    if splits > 1:
-        attn_combine_kernel[(t, hq)](
-            part_acc, part_ml, out, out.stride(0), out.stride(1),
-            HQ=hq, D=d, BLOCK_D=cfg["BLOCK_D"], NUM_SPLITS=splits, BLOCK_S=next_pow2(splits), num_warps=1,
-        )
     return out
 
 
@@ -309,4 +308,4 @@ def attention(
     return paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, sinks, window, scale)
 
 
-__all__ = ["attention", "paged_attention", "store_kv", "attn_kernel", "attn_combine_kernel", "store_kv_kernel", "launch_config"]
+__all__ = ["attention", "paged_attention", "store_kv", "attn_kernel", "store_kv_kernel", "launch_config"]

@@ -3,6 +3,8 @@
     route:    logits = x W^T + b (fp32) -> top-k -> softmax over the k     [T, k] fp32, [T, k] int32
               (E/16 programs a token block score the experts; the last to finish takes the top-k)
     group:    (token, slot) pairs sorted by expert and cut into M-tiles of one expert each
+    route_group (decode, T <= 128): RMSNorm + route + group in one launch; the last token block
+              to finish its top-k groups all the pairs (`moe` = route_group, gate_up, down)
     gate_up:  act[row] = swiglu(x[token] @ Wgu_e^T + b_e)
     down:     y[pair]  = w[pair] * (act[row] @ Wd_e^T + b_e)
     combine:  out[t]   = sum_j y[t*k + j]
@@ -21,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ACT_DTYPES, INTERPRET, cdiv, check, check_device, check_dtype, check_shape, mma, next_pow2
+from ._common import (ACT_DTYPES, cdiv, check, check_device, check_dtype, check_shape, last_to_arrive, mma, next_pow2,
+                      round_to, tickets)
 from .mxfp4 import ACC_SCALE as _ACC_SCALE, dequant, pack_mxfp4, scale_pad
 
 ACC_SCALE = tl.constexpr(_ACC_SCALE)
@@ -78,7 +81,68 @@ def pack_experts(gate_up_blocks: torch.Tensor, gate_up_scales: torch.Tensor, gat
 # Router
 
 
-_FENCE_ASM = tl.constexpr("fence.acq_rel.gpu; mov.b32 $0, $1;")
+@triton.jit
+def _router_logits(x_ptr, w_ptr, b_ptr, norm_w_ptr, h_ptr, logits_ptr, rows, row_ok, ec, ec_ok, H, stride_x, stride_w, eps,
+                   BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK_E: tl.constexpr, BLOCK_H: tl.constexpr,
+                   NORM: tl.constexpr, WRITE_H):
+    """Logits of experts `ec` [CHUNK_E] for token rows `rows` [BLOCK_T] (fp32, bias added, NaN and
+    +-inf made finite) into the scratch [rows, BLOCK_E]. NORM: the rows are first RMS-normed
+    (weight `norm_w_ptr`, fp32 statistics, rounded to x's dtype like `rms_norm`'s output), in a
+    first pass over H for the statistics; WRITE_H: this program also stores the normed rows to h."""
+    h = tl.arange(0, BLOCK_H)
+    x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_x
+    if NORM:
+        ss = tl.zeros([BLOCK_T], tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            hh = h0 + h
+            xf = tl.load(x_rows + hh[None, :], mask=row_ok[:, None] & (hh < H)[None, :], other=0.0).to(tl.float32)
+            ss += tl.sum(xf * xf, axis=1)
+        inv = tl.rsqrt(ss / H + eps)
+    part = tl.zeros([BLOCK_T, CHUNK_E], tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        hh = h0 + h
+        x_ok = row_ok[:, None] & (hh < H)[None, :]
+        xt = tl.load(x_rows + hh[None, :], mask=x_ok, other=0.0)
+        if NORM:
+            nw = tl.load(norm_w_ptr + hh, mask=hh < H, other=0.0)
+            xt = round_to(nw[None, :] * (xt.to(tl.float32) * inv[:, None]), x_ptr.dtype.element_ty)
+            if WRITE_H:
+                tl.store(h_ptr + rows[:, None].to(tl.int64) * H + hh[None, :], xt, mask=x_ok)
+        wt = tl.load(w_ptr + ec[None, :] * stride_w + hh[:, None],
+                     mask=ec_ok[None, :] & (hh < H)[:, None], other=0.0)  # [BLOCK_H, CHUNK_E]
+        part = mma(xt, wt, part)
+    part += tl.load(b_ptr + ec, mask=ec_ok, other=0.0).to(tl.float32)[None, :]
+    # NaN -> lowest finite, +-inf -> finite extremes: every real expert outranks the -inf padding,
+    # so each arg-max in _top_k lands on an untaken expert < E whatever the logits.
+    part = tl.where(part != part, -FLT_MAX, tl.minimum(tl.maximum(part, -FLT_MAX), FLT_MAX))
+    tl.store(logits_ptr + rows[:, None] * BLOCK_E + ec[None, :], part)
+
+
+@triton.jit
+def _top_k(logits_ptr, weights_ptr, ids_ptr, rows, row_ok, E,
+           TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Top-k of the scratch logits of `rows` (written by other programs: .cg loads) and the softmax
+    over the k -> weights, ids [T, TOP_K]."""
+    e = tl.arange(0, BLOCK_E)
+    e_ok = e < E
+    logits = tl.load(logits_ptr + rows[:, None] * BLOCK_E + e[None, :], cache_modifier=".cg")
+    logits = tl.where(e_ok[None, :], logits, float("-inf"))
+    # Top-k by repeated arg-max (ties -> lowest id), in descending order like torch.topk.
+    j = tl.arange(0, BLOCK_K)
+    top_v = tl.full([BLOCK_T, BLOCK_K], float("-inf"), tl.float32)
+    top_i = tl.zeros([BLOCK_T, BLOCK_K], tl.int32)
+    for kk in tl.static_range(TOP_K):
+        m = tl.max(logits, axis=1)
+        idx = tl.minimum(tl.min(tl.where(logits == m[:, None], e[None, :], BLOCK_E), axis=1), E - 1)
+        top_v = tl.where(j[None, :] == kk, m[:, None], top_v)
+        top_i = tl.where(j[None, :] == kk, idx[:, None], top_i)
+        logits = tl.where(e[None, :] == idx[:, None], float("-inf"), logits)
+    p = tl.exp(top_v - tl.max(top_v, axis=1)[:, None])  # padded slots: exp(-inf) = 0
+    p = p / tl.sum(p, axis=1)[:, None]
+    out = rows[:, None] * TOP_K + j[None, :]
+    mask = row_ok[:, None] & (j < TOP_K)[None, :]
+    tl.store(weights_ptr + out, p, mask=mask)
+    tl.store(ids_ptr + out, top_i, mask=mask)
 
 
 @triton.jit
@@ -101,67 +165,20 @@ def route_kernel(
 ):
     # Grid (token blocks, expert chunks): the router matrix is read by BLOCK_E / CHUNK_E programs
     # at once instead of one. Each writes its logits to the scratch; the last program of a token
-    # block to take a ticket (acq_rel atomic after a gpu-scope fence) does the top-k for it.
+    # block to arrive (`last_to_arrive`) does the top-k for it.
     pid_t = tl.program_id(0)
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    ec = tl.program_id(1) * CHUNK_E + tl.arange(0, CHUNK_E)
-    h = tl.arange(0, BLOCK_H)
     row_ok = rows < T
-    ec_ok = ec < E
-    part = tl.zeros([BLOCK_T, CHUNK_E], tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        hh = h0 + h
-        xt = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + hh[None, :],
-                     mask=row_ok[:, None] & (hh < H)[None, :], other=0.0)
-        wt = tl.load(w_ptr + ec[None, :] * stride_w + hh[:, None],
-                     mask=ec_ok[None, :] & (hh < H)[:, None], other=0.0)  # [BLOCK_H, CHUNK_E]
-        part = mma(xt, wt, part)
-    part += tl.load(b_ptr + ec, mask=ec_ok, other=0.0).to(tl.float32)[None, :]
-    # NaN -> lowest finite, +-inf -> finite extremes: every real expert outranks the -inf padding,
-    # so each arg-max below lands on an untaken expert < E whatever the logits.
-    part = tl.where(part != part, -FLT_MAX, tl.minimum(tl.maximum(part, -FLT_MAX), FLT_MAX))
-    tl.store(logits_ptr + rows[:, None] * BLOCK_E + ec[None, :], part)
+    ec = tl.program_id(1) * CHUNK_E + tl.arange(0, CHUNK_E)
+    _router_logits(x_ptr, w_ptr, b_ptr, x_ptr, x_ptr, logits_ptr, rows, row_ok, ec, ec < E, H, stride_x, stride_w, 0.0,
+                   BLOCK_T, BLOCK_E, CHUNK_E, BLOCK_H, False, False)
     last = True
     if BLOCK_E // CHUNK_E > 1:
-        if not INTERPRET:
-            tl.inline_asm_elementwise(_FENCE_ASM, "=r,r", [rows], dtype=tl.int32, is_pure=False, pack=1)
-        tl.debug_barrier()
-        last = tl.atomic_add(ticket_ptr + pid_t, 1) == BLOCK_E // CHUNK_E - 1
+        last = last_to_arrive(ticket_ptr + pid_t, BLOCK_E // CHUNK_E, rows)
     if last:
-        e = tl.arange(0, BLOCK_E)
-        e_ok = e < E
-        logits = tl.load(logits_ptr + rows[:, None] * BLOCK_E + e[None, :], cache_modifier=".cg")
-        logits = tl.where(e_ok[None, :], logits, float("-inf"))
-        # Top-k by repeated arg-max (ties -> lowest id), in descending order like torch.topk.
-        j = tl.arange(0, BLOCK_K)
-        top_v = tl.full([BLOCK_T, BLOCK_K], float("-inf"), tl.float32)
-        top_i = tl.zeros([BLOCK_T, BLOCK_K], tl.int32)
-        for kk in tl.static_range(TOP_K):
-            m = tl.max(logits, axis=1)
-            idx = tl.minimum(tl.min(tl.where(logits == m[:, None], e[None, :], BLOCK_E), axis=1), E - 1)
-            top_v = tl.where(j[None, :] == kk, m[:, None], top_v)
-            top_i = tl.where(j[None, :] == kk, idx[:, None], top_i)
-            logits = tl.where(e[None, :] == idx[:, None], float("-inf"), logits)
-        p = tl.exp(top_v - tl.max(top_v, axis=1)[:, None])  # padded slots: exp(-inf) = 0
-        p = p / tl.sum(p, axis=1)[:, None]
-        out = rows[:, None] * TOP_K + j[None, :]
-        mask = row_ok[:, None] & (j < TOP_K)[None, :]
-        tl.store(weights_ptr + out, p, mask=mask)
-        tl.store(ids_ptr + out, top_i, mask=mask)
+        _top_k(logits_ptr, weights_ptr, ids_ptr, rows, row_ok, E, TOP_K, BLOCK_T, BLOCK_E, BLOCK_K)
         if BLOCK_E // CHUNK_E > 1:
             tl.store(ticket_ptr + pid_t, 0)
-
-
-_TICKETS: dict[torch.device, torch.Tensor] = {}
-
-
-def _tickets(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 tickets, kept per device (each route launch leaves them zero again)."""
-    buf = _TICKETS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _TICKETS[device] = buf
-    return buf
 
 
 def route_config(num_tokens: int, num_experts: int) -> dict:
@@ -170,16 +187,22 @@ def route_config(num_tokens: int, num_experts: int) -> dict:
             "BLOCK_H": 128, "num_warps": 4}
 
 
-def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, H] -> (weights [T, k] fp32, expert ids [T, k] int32): top-k of x W^T + b, softmax over k."""
+def _check_router(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int) -> int:
     check_device(x, weight, bias)
     check_dtype("x", x, ACT_DTYPES)
     check(x.dim() == 2 and x.stride(1) == 1, f"x must be [T, H] with a contiguous last axis, got {list(x.shape)}")
-    t, h = x.shape
+    h = x.shape[1]
     check(weight.dim() == 2 and weight.shape[1] == h and weight.stride(1) == 1, f"router weight must be [E, {h}], got {list(weight.shape)}")
     e = weight.shape[0]
     check_shape("router bias", bias, (e,))
     check(0 < top_k <= e, f"top_k {top_k} out of range for {e} experts")
+    return e
+
+
+def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H] -> (weights [T, k] fp32, expert ids [T, k] int32): top-k of x W^T + b, softmax over k."""
+    e = _check_router(x, weight, bias, top_k)
+    t, h = x.shape
     weights = torch.empty((t, top_k), dtype=torch.float32, device=x.device)
     ids = torch.empty((t, top_k), dtype=torch.int32, device=x.device)
     if t:
@@ -187,7 +210,7 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int)
         blocks = cdiv(t, cfg["BLOCK_T"])
         scratch = torch.empty((blocks * cfg["BLOCK_T"], cfg["BLOCK_E"]), dtype=torch.float32, device=x.device)
         route_kernel[(blocks, cfg["BLOCK_E"] // cfg["CHUNK_E"])](
-            x, weight, bias.contiguous(), weights, ids, scratch, _tickets(x.device, blocks), t, h, e,
+            x, weight, bias.contiguous(), weights, ids, scratch, tickets(x.device, blocks, "route"), t, h, e,
             x.stride(0), weight.stride(0), TOP_K=top_k, BLOCK_K=next_pow2(top_k), **cfg,
         )
     return weights, ids
@@ -198,24 +221,16 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int)
 
 
 @triton.jit
-def group_kernel(
-    ids_ptr,  # [P] int32, P = T * k pairs
-    sorted_ptr,  # [P] int32 out: pair indices grouped by expert (pair order within an expert)
-    tile_expert_ptr,  # [NUM_TILES] int32 out: expert of each M-tile, -1 past the last
-    tile_row_ptr,  # [NUM_TILES] int32 out: first row (into sorted) of each M-tile
-    tile_len_ptr,  # [NUM_TILES] int32 out: rows in each M-tile (<= BLOCK_M)
-    P, E, NUM_TILES,
-    BLOCK_M: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_E: tl.constexpr,  # > E: bin E collects padding
-    BLOCK_TILES: tl.constexpr,
-):
-    # A single program: P <= 8k pairs; a counting sort in two passes over BLOCK_P chunks.
+def _group(ids_ptr, sorted_ptr, tile_expert_ptr, tile_row_ptr, tile_len_ptr, P, E, NUM_TILES,
+           BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_TILES: tl.constexpr):
+    """Counting sort of the P (token, slot) pairs by expert, in one program, two passes over
+    BLOCK_P chunks, and the M-tiles of one expert each (see group_kernel). The ids may have been
+    written by other programs of the launch: .cg loads."""
     eb = tl.arange(0, BLOCK_E)
     pp = tl.arange(0, BLOCK_P)
     counts = tl.zeros([BLOCK_E], tl.int32)
     for p0 in range(0, P, BLOCK_P):
-        ids = tl.load(ids_ptr + p0 + pp, mask=p0 + pp < P, other=E)
+        ids = tl.load(ids_ptr + p0 + pp, mask=p0 + pp < P, other=E, cache_modifier=".cg")
         counts += tl.histogram(ids, BLOCK_E)
     counts = tl.where(eb < E, counts, 0)
     starts = tl.cumsum(counts, axis=0) - counts  # first row of each expert
@@ -242,12 +257,81 @@ def group_kernel(
     filled = starts
     for p0 in range(0, P, BLOCK_P):
         p = p0 + pp
-        ids = tl.load(ids_ptr + p, mask=p < P, other=E)
+        ids = tl.load(ids_ptr + p, mask=p < P, other=E, cache_modifier=".cg")
         onehot = (ids[:, None] == eb[None, :]).to(tl.int32)  # [BLOCK_P, BLOCK_E]
         rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1  # among earlier same-expert pairs
         dest = tl.sum(onehot * filled[None, :], axis=1) + rank
         tl.store(sorted_ptr + dest, p, mask=p < P)
         filled += tl.sum(onehot, axis=0)
+
+
+@triton.jit
+def group_kernel(
+    ids_ptr,  # [P] int32, P = T * k pairs
+    sorted_ptr,  # [P] int32 out: pair indices grouped by expert (pair order within an expert)
+    tile_expert_ptr,  # [NUM_TILES] int32 out: expert of each M-tile, -1 past the last
+    tile_row_ptr,  # [NUM_TILES] int32 out: first row (into sorted) of each M-tile
+    tile_len_ptr,  # [NUM_TILES] int32 out: rows in each M-tile (<= BLOCK_M)
+    P, E, NUM_TILES,
+    BLOCK_M: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_E: tl.constexpr,  # > E: bin E collects padding
+    BLOCK_TILES: tl.constexpr,
+):
+    # A single program: P <= 8k pairs; a counting sort in two passes over BLOCK_P chunks.
+    _group(ids_ptr, sorted_ptr, tile_expert_ptr, tile_row_ptr, tile_len_ptr, P, E, NUM_TILES,
+           BLOCK_M, BLOCK_P, BLOCK_E, BLOCK_TILES)
+
+
+@triton.jit
+def route_group_kernel(
+    x_ptr,  # [T, H] residual stream
+    norm_w_ptr,  # [H] fp32 RMSNorm weight
+    w_ptr,  # [E, H] router
+    b_ptr,  # [E]
+    h_ptr,  # [T, H] out: the normed rows (x's dtype), the experts' input
+    weights_ptr,  # [T, TOP_K] fp32 out
+    ids_ptr,  # [T, TOP_K] int32 out
+    sorted_ptr, tile_expert_ptr, tile_row_ptr, tile_len_ptr,  # out, as group_kernel's
+    logits_ptr,  # [token blocks * BLOCK_T, BLOCK_E] fp32 scratch
+    ticket_ptr,  # [token blocks + 1] int32, zero between launches
+    T, H, E, NUM_TILES,
+    stride_x, stride_w,
+    eps,
+    TOP_K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    CHUNK_E: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # the expert matmuls' token tile
+    BLOCK_P: tl.constexpr,
+    GROUP_E: tl.constexpr,  # group_kernel's BLOCK_E
+    BLOCK_TILES: tl.constexpr,
+):
+    # RMSNorm + router + top-k + grouping in one launch (decode, T <= 128). Grid as route_kernel's:
+    # each program norms its BLOCK_T rows itself (a first pass over H for the statistics; program
+    # column 0 stores them for the experts), scores CHUNK_E experts; the last of a token block does
+    # its top-k, then counts in at a second ticket: the last token block to finish groups all
+    # T * TOP_K pairs by expert (group_kernel's counting sort).
+    pid_t = tl.program_id(0)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    ec = tl.program_id(1) * CHUNK_E + tl.arange(0, CHUNK_E)
+    _router_logits(x_ptr, w_ptr, b_ptr, norm_w_ptr, h_ptr, logits_ptr, rows, row_ok, ec, ec < E, H, stride_x, stride_w, eps,
+                   BLOCK_T, BLOCK_E, CHUNK_E, BLOCK_H, True, tl.program_id(1) == 0)
+    last = True
+    if BLOCK_E // CHUNK_E > 1:
+        last = last_to_arrive(ticket_ptr + pid_t, BLOCK_E // CHUNK_E, rows)
+    if last:
+        _top_k(logits_ptr, weights_ptr, ids_ptr, rows, row_ok, E, TOP_K, BLOCK_T, BLOCK_E, BLOCK_K)
+        if BLOCK_E // CHUNK_E > 1:
+            tl.store(ticket_ptr + pid_t, 0)
+        blocks = tl.num_programs(0)
+        if last_to_arrive(ticket_ptr + blocks, blocks, rows):
+            _group(ids_ptr, sorted_ptr, tile_expert_ptr, tile_row_ptr, tile_len_ptr, T * TOP_K, E, NUM_TILES,
+                   BLOCK_M, BLOCK_P, GROUP_E, BLOCK_TILES)
+            tl.store(ticket_ptr + blocks, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,10 +532,15 @@ def group_config(num_pairs: int, num_experts: int) -> dict:
     }
 
 
+def num_tiles_bound(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """M-tiles the grouping may produce (each expert's last tile may be partial), known on the host."""
+    return cdiv(num_pairs, block_m) + min(num_experts, num_pairs)
+
+
 def group_by_expert(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, ...]:
     """ids [T, k] -> (sorted pairs [P], tile expert / first row / rows [NUM_TILES]), no host sync."""
     p = expert_ids.numel()
-    num_tiles = cdiv(p, block_m) + min(num_experts, p)
+    num_tiles = num_tiles_bound(p, num_experts, block_m)
     dev = expert_ids.device
     sorted_pairs = torch.empty(p, dtype=torch.int32, device=dev)
     tiles = torch.empty((3, num_tiles), dtype=torch.int32, device=dev)
@@ -460,6 +549,48 @@ def group_by_expert(expert_ids: torch.Tensor, num_experts: int, block_m: int) ->
         BLOCK_M=block_m, **group_config(p, num_experts),
     )
     return sorted_pairs, tiles[0], tiles[1], tiles[2]
+
+
+def route_group_config(num_tokens: int, num_experts: int, top_k: int) -> dict:
+    """route_config's router tiles, group_config's chunks (its BLOCK_E renamed GROUP_E), the
+    expert matmuls' token tile, and the larger of the two warp counts (the grouping's). The
+    counting sort's one-hot tiles are halved (2k elements): next to the router's state the 4k
+    tiles spilled 8 bytes on sm_80 (20B, T >= 16)."""
+    rc, gc = route_config(num_tokens, num_experts), group_config(num_tokens * top_k, num_experts)
+    return {**rc, "BLOCK_M": launch_config(num_tokens, top_k, num_experts)["BLOCK_M"], "BLOCK_P": max(16, gc["BLOCK_P"] // 2),
+            "GROUP_E": gc["BLOCK_E"], "BLOCK_TILES": gc["BLOCK_TILES"], "num_warps": max(rc["num_warps"], gc["num_warps"])}
+
+
+def route_group(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor, bias: torch.Tensor,
+                top_k: int, *, block_m: int | None = None):
+    """RMSNorm + router + grouping in one launch (`route_group_kernel`). x [T, H] residual stream
+    (T <= 128 is what it is sized for). -> (h = rms_norm(x) [T, H], weights [T, k] fp32,
+    ids [T, k] int32, (sorted pairs, tile expert, tile row, tile len) as `group_by_expert`'s).
+    `block_m` overrides the token tile (the expert matmuls' BLOCK_M)."""
+    e = _check_router(x, weight, bias, top_k)
+    t, h = x.shape
+    check_shape("norm weight", norm_weight, (h,))
+    check(norm_weight.dtype == torch.float32 and norm_weight.is_contiguous(), "norm weight must be contiguous fp32")
+    cfg = route_group_config(t, e, top_k)
+    if block_m is not None:
+        cfg["BLOCK_M"] = block_m
+    p = t * top_k
+    n_tiles = num_tiles_bound(p, e, cfg["BLOCK_M"])
+    dev = x.device
+    hn = torch.empty((t, h), dtype=x.dtype, device=dev)
+    weights = torch.empty((t, top_k), dtype=torch.float32, device=dev)
+    ids = torch.empty((t, top_k), dtype=torch.int32, device=dev)
+    sorted_pairs = torch.empty(p, dtype=torch.int32, device=dev)
+    tiles = torch.empty((3, n_tiles), dtype=torch.int32, device=dev)
+    if t:
+        blocks = cdiv(t, cfg["BLOCK_T"])
+        scratch = torch.empty((blocks * cfg["BLOCK_T"], cfg["BLOCK_E"]), dtype=torch.float32, device=dev)
+        route_group_kernel[(blocks, cfg["BLOCK_E"] // cfg["CHUNK_E"])](
+            x, norm_weight, weight, bias.contiguous(), hn, weights, ids, sorted_pairs, tiles[0], tiles[1], tiles[2],
+            scratch, tickets(dev, blocks + 1, "route_group"), t, h, e, n_tiles, x.stride(0), weight.stride(0), float(eps),
+            TOP_K=top_k, BLOCK_K=next_pow2(top_k), **cfg,
+        )
+    return hn, weights, ids, (sorted_pairs, tiles[0], tiles[1], tiles[2])
 
 
 def _check_packed(w: MoEWeights, h: int) -> tuple[int, int]:
@@ -479,6 +610,38 @@ def _check_packed(w: MoEWeights, h: int) -> tuple[int, int]:
     return e, inter
 
 
+def _check_moe_input(x: torch.Tensor, w: MoEWeights) -> tuple[int, int]:
+    check(isinstance(w, MoEWeights), "experts takes MoEWeights (see pack_experts)")
+    check_device(x, w.gate_up_words, w.gate_up_scales, w.down_words, w.down_scales, w.gate_up_bias, w.down_bias)
+    check_dtype("x", x, ACT_DTYPES)
+    check(x.dim() == 2 and x.is_contiguous(), f"x must be contiguous [T, H], got {list(x.shape)}")
+    return _check_packed(w, x.shape[1])
+
+
+def _expert_matmuls(x: torch.Tensor, expert_weights: torch.Tensor, groups: tuple, w: MoEWeights, swiglu_limit: float,
+                    top_k: int, cfg: dict) -> torch.Tensor:
+    """gate_up and down launches over the grouped pairs -> fp32 [T, k, H]."""
+    t, h = x.shape
+    inter = w.inter
+    y = torch.empty((t, top_k, h), dtype=torch.float32, device=x.device)
+    if t == 0:
+        return y
+    cfg = dict(cfg)
+    bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
+    sorted_pairs, tile_expert, tile_row, tile_len = groups
+    num_tiles = tile_expert.numel()
+    act = torch.empty((t * top_k, inter), dtype=x.dtype, device=x.device)
+    moe_gate_up_kernel[(num_tiles, cdiv(inter, bn))](
+        x, w.gate_up_words, w.gate_up_scales, w.gate_up_bias, sorted_pairs, tile_expert, tile_row, tile_len, act,
+        x.stride(0), float(swiglu_limit), H=h, I=inter, TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg,
+    )
+    moe_down_kernel[(num_tiles, cdiv(h, bn))](
+        act, w.down_words, w.down_scales, w.down_bias, sorted_pairs, tile_expert, tile_row, tile_len,
+        expert_weights, y, H=h, I=inter, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg,
+    )
+    return y
+
+
 def experts_partial(
     x: torch.Tensor,
     expert_weights: torch.Tensor,
@@ -491,37 +654,32 @@ def experts_partial(
     """y[t, j] = weight[t,j] * (down_e(swiglu(gate_up_e(x[t]) + b1_e)) + b2_e), e = ids[t,j]:
     fp32 [T, k, H], unreduced (the next rms_norm sums it: no combine launch). x [T, H];
     expert_weights [T, k] fp32; expert_ids [T, k] int32. `config` overrides the tiles."""
-    check(isinstance(w, MoEWeights), "experts takes MoEWeights (see pack_experts)")
-    check_device(x, expert_weights, expert_ids, w.gate_up_words, w.gate_up_scales, w.down_words, w.down_scales,
-                 w.gate_up_bias, w.down_bias)
-    check_dtype("x", x, ACT_DTYPES)
-    check(x.dim() == 2 and x.is_contiguous(), f"x must be contiguous [T, H], got {list(x.shape)}")
+    e, inter = _check_moe_input(x, w)
     t, h = x.shape
+    check_device(x, expert_weights, expert_ids)
     check(expert_ids.dim() == 2 and expert_ids.shape[0] == t and expert_ids.dtype == torch.int32 and expert_ids.is_contiguous(),
           f"expert_ids must be contiguous int32 [{t}, k], got {expert_ids.dtype} {list(expert_ids.shape)}")
     top_k = expert_ids.shape[1]
     check(expert_weights.shape == (t, top_k) and expert_weights.dtype == torch.float32 and expert_weights.is_contiguous(),
           f"expert_weights must be contiguous fp32 [{t}, {top_k}]")
-    e, inter = _check_packed(w, h)
-    p = t * top_k
-    y = torch.empty((t, top_k, h), dtype=torch.float32, device=x.device)
-    if t == 0:
-        return y
     cfg = dict(config or launch_config(t, top_k, e))
-    bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
-    check(bk % 32 == 0 and bk <= 512 and bm >= 16 and bn >= 16, f"bad MoE tile config {config}")
-    sorted_pairs, tile_expert, tile_row, tile_len = group_by_expert(expert_ids, e, bm)
-    num_tiles = tile_expert.numel()
-    act = torch.empty((p, inter), dtype=x.dtype, device=x.device)
-    moe_gate_up_kernel[(num_tiles, cdiv(inter, bn))](
-        x, w.gate_up_words, w.gate_up_scales, w.gate_up_bias, sorted_pairs, tile_expert, tile_row, tile_len, act,
-        x.stride(0), float(swiglu_limit), H=h, I=inter, TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg,
-    )
-    moe_down_kernel[(num_tiles, cdiv(h, bn))](
-        act, w.down_words, w.down_scales, w.down_bias, sorted_pairs, tile_expert, tile_row, tile_len,
-        expert_weights, y, H=h, I=inter, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg,
-    )
-    return y
+    check(cfg["BLOCK_K"] % 32 == 0 and cfg["BLOCK_K"] <= 512 and cfg["BLOCK_M"] >= 16 and cfg["BLOCK_N"] >= 16,
+          f"bad MoE tile config {config}")
+    if t == 0:
+        return torch.empty((0, top_k, h), dtype=torch.float32, device=x.device)
+    groups = group_by_expert(expert_ids, e, cfg["BLOCK_M"])
+    return _expert_matmuls(x, expert_weights, groups, w, swiglu_limit, top_k, cfg)
+
+
+def moe(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, router_weight: torch.Tensor, router_bias: torch.Tensor,
+        top_k: int, w: MoEWeights, swiglu_limit: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MoE block of a decode step from the residual stream x [T, H]: rms_norm, route, experts,
+    in three launches (route_group, gate_up, down). -> (fp32 partials [T, k, H], ids [T, k])."""
+    e, _ = _check_moe_input(x, w)
+    check(router_weight.shape[0] == e, f"router has {router_weight.shape[0]} experts, the weights {e}")
+    cfg = launch_config(x.shape[0], top_k, e)
+    h, weights, ids, groups = route_group(x, norm_weight, eps, router_weight, router_bias, top_k, block_m=cfg["BLOCK_M"])
+    return _expert_matmuls(h, weights, groups, w, swiglu_limit, top_k, cfg), ids
 
 
 def combine(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -9,7 +9,25 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ACT_DTYPES, check, check_device, check_dtype, check_shape, next_pow2
+from ._common import ACT_DTYPES, check, round_to, check_device, check_dtype, check_shape, next_pow2
+
+
+@triton.jit
+def stream_rows(x_ptr, res_ptr, x_offs, res_offs, mask, H, PARTS: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """The residual stream at `x_offs` / `res_offs` (any shape): x, or the sum of PARTS fp32 MoE
+    partial rows (x_offs + j * H) rounded to the stream's dtype as a stored MoE output would be,
+    plus the residual, the sum rounded to the stream's dtype (the norm reads the stored stream)."""
+    if PARTS > 0:
+        acc = tl.load(x_ptr + x_offs, mask=mask, other=0.0)
+        for j in tl.static_range(1, PARTS):
+            acc += tl.load(x_ptr + x_offs + j * H, mask=mask, other=0.0)
+        x = round_to(acc, res_ptr.dtype.element_ty)
+    else:
+        x = tl.load(x_ptr + x_offs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + res_offs, mask=mask, other=0.0)
+        x = round_to(x.to(tl.float32) + r.to(tl.float32), res_ptr.dtype.element_ty)
+    return x
 
 
 @triton.jit
@@ -33,23 +51,13 @@ def rms_norm_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < H
-    if PARTS > 0:
-        # sum the k expert rows in fp32, rounded to the stream's dtype as a stored MoE output is
-        acc = tl.zeros([BLOCK_H], tl.float32)
-        for j in tl.static_range(PARTS):
-            acc += tl.load(x_ptr + row * stride_x + j * H + cols, mask=mask, other=0.0)
-        x = acc.to(res_ptr.dtype.element_ty)
-    else:
-        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    x = stream_rows(x_ptr, res_ptr, row * stride_x + cols, row * stride_r + cols, mask, H, PARTS, HAS_RESIDUAL)
     if HAS_RESIDUAL:
-        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
-        # The sum is rounded to the activation dtype first: the norm reads the stored stream.
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(res_out_ptr.dtype.element_ty)
         tl.store(res_out_ptr + row * stride_ro + cols, x, mask=mask)
     xf = x.to(tl.float32)
     inv = tl.rsqrt(tl.sum(xf * xf, axis=0) / H + eps)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    tl.store(out_ptr + row * stride_o + cols, (w * (xf * inv)).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * stride_o + cols, round_to(w * (xf * inv), out_ptr.dtype.element_ty), mask=mask)
 
 
 def launch_config(hidden: int) -> dict:

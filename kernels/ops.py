@@ -10,9 +10,10 @@ before this package was imported (tests), and are refused otherwise.
 from __future__ import annotations
 
 from .attention import attention, store_kv
-from .moe import MoEWeights, experts, experts_partial, pack_experts, route
+from .layer import DECODE_MAX_TOKENS, attn_in, attn_out
+from .moe import MoEWeights, experts, experts_partial, moe, pack_experts, route
 from .norm import rms_norm
 from .rope import rope, rope_store_kv
 
-__all__ = ["MoEWeights", "attention", "experts", "experts_partial", "pack_experts", "rms_norm", "rope", "rope_store_kv",
-           "route", "store_kv"]
+__all__ = ["DECODE_MAX_TOKENS", "MoEWeights", "attention", "attn_in", "attn_out", "experts", "experts_partial", "moe",
+           "pack_experts", "rms_norm", "rope", "rope_store_kv", "route", "store_kv"]

@@ -21,6 +21,12 @@ def _cos_sin_row(pos_ptr, cos_ptr, sin_ptr, t, HALF: tl.constexpr, BLOCK_D: tl.c
 
 
 @triton.jit
+def rotate_half(x1, x2, c, s):
+    """NeoX rotation of the halves (x1, x2) of a head by (cos, sin): fp32 in, fp32 out."""
+    return x1 * c - x2 * s, x2 * c + x1 * s
+
+
+@triton.jit
 def _rotate_heads(src_ptr, dst_ptr, t, dst_row, stride_t, stride_h, n_heads, c, s,
                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     # src row t of [T, heads, 2*HALF]; dst row `dst_row` of a contiguous [rows, heads, 2*HALF];
@@ -33,8 +39,9 @@ def _rotate_heads(src_ptr, dst_ptr, t, dst_row, stride_t, stride_h, n_heads, c, 
     x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
     dst = dst_ptr + dst_row * (n_heads * 2 * HALF) + h * (2 * HALF) + d
     ty = dst_ptr.dtype.element_ty
-    tl.store(dst, (x1 * c - x2 * s).to(ty), mask=mask)
-    tl.store(dst + HALF, (x2 * c + x1 * s).to(ty), mask=mask)
+    y1, y2 = rotate_half(x1, x2, c, s)
+    tl.store(dst, y1.to(ty), mask=mask)
+    tl.store(dst + HALF, y2.to(ty), mask=mask)
 
 
 @triton.jit

@@ -22,6 +22,7 @@ for v in ${TRITON_COMPAT_VERSIONS:-3.4.0 3.6.0}; do
   PYTHONPATH="$PWD/$dir${PYTHONPATH:+:$PYTHONPATH}" .venv/bin/python -c \
     "import triton, sys; assert triton.__version__ == '$v', triton.__version__; print('Triton', triton.__version__, 'from', triton.__file__)"
   PYTHONPATH="$PWD/$dir${PYTHONPATH:+:$PYTHONPATH}" TRITON_DEFAULT_FP_FUSION=1 .venv/bin/python -m pytest -q -p no:cacheprovider \
-    tests/kernels/test_compile.py tests/kernels/test_moe.py tests/kernels/test_norm_rope.py tests/kernels/test_attention.py
+    tests/kernels/test_compile.py tests/kernels/test_moe.py tests/kernels/test_norm_rope.py tests/kernels/test_attention.py \
+    tests/kernels/test_layer.py tests/kernels/test_launches.py
   echo "Triton $v compat: $((SECONDS - start)) s"
 done

@@ -3,13 +3,15 @@
     x = embed(ids)
     per layer:  x += o_proj(attn(rope(qkv(norm(x)))))      # sinks, sliding or full window
                 x += experts(route(norm(x)))               # MXFP4 top-k MoE, clamped SwiGLU
-
-RoPE and the KV-cache write are one op; the MoE output stays unreduced ([T, k, H] fp32) and the
-next rms_norm sums it into the residual stream (no combine step of its own).
     logits = lm_head(norm(x))
 
-The ops (norm, rope, cache write, attention, routing, experts) come from an `OpSet`: Triton
-kernels on CUDA, plain torch on CPU. Everything here is shape bookkeeping and projections.
+as four ops a layer from an `OpSet` (Triton kernels on CUDA, plain torch on CPU):
+    q, residual = attn_in(x, residual, ...)    # residual add + norm + qkv + RoPE + KV-cache write
+    o = attention(q, ...)
+    residual = attn_out(o, residual, ...)      # o_proj + residual add
+    x, ids = moe(residual, ...)                # norm + router + experts: [T, k, H] fp32, unreduced
+The MoE output is summed into the residual stream by the next layer's attn_in (or the final
+rms_norm): no combine step of its own. On the Triton set a decode layer is 6 launches.
 """
 
 from __future__ import annotations
@@ -181,18 +183,13 @@ class GptOss:
     ) -> torch.Tensor:
         """-> final-normed hidden states [T, H]."""
         cfg, ops = self.cfg, self.ops
-        t = input_ids.shape[0]
-        hq, hk, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        hq, hk = cfg.num_attention_heads, cfg.num_key_value_heads
         x = F.embedding(input_ids, self.w.embed)
-        residual = None
+        residual = None  # x is the residual stream's first term (later: the MoE's unreduced output)
         for layer, (k_cache, v_cache) in zip(self.w.layers, kv_caches):
-            h, residual = ops.rms_norm(x, layer.input_norm, cfg.rms_norm_eps, residual)
-            qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias)
-            q = qkv[:, : hq * d].view(t, hq, d)
-            k = qkv[:, hq * d : (hq + hk) * d].view(t, hk, d)
-            v = qkv[:, (hq + hk) * d :].view(t, hk, d)
             group = meta.sliding if layer.window else meta.full
-            q = ops.rope_store_kv(q, k, v, positions, self.rope_cos, self.rope_sin, k_cache, v_cache, group.slot_mapping)
+            q, residual = ops.attn_in(x, residual, layer.input_norm, cfg.rms_norm_eps, layer.qkv_weight, layer.qkv_bias,
+                                      positions, self.rope_cos, self.rope_sin, k_cache, v_cache, group.slot_mapping, hq, hk)
             o = ops.attention(
                 q,
                 k_cache,
@@ -205,10 +202,9 @@ class GptOss:
                 cfg.attention_scale,
                 host_lens=meta.host_lens,
             )
-            x = F.linear(o.reshape(t, hq * d), layer.o_weight, layer.o_bias)
-            h, residual = ops.rms_norm(x, layer.post_norm, cfg.rms_norm_eps, residual)
-            weights, ids = ops.route(h, layer.router_weight, layer.router_bias, cfg.num_experts_per_tok)
-            x = ops.experts_partial(h, weights, ids, layer.experts, cfg.swiglu_limit)  # [T, k, H] fp32
+            residual = ops.attn_out(o, layer.o_weight, layer.o_bias, residual)
+            x, _ = ops.moe(residual, layer.post_norm, cfg.rms_norm_eps, layer.router_weight, layer.router_bias,
+                           cfg.num_experts_per_tok, layer.experts, cfg.swiglu_limit)  # [T, k, H] fp32
         x, _ = ops.rms_norm(x, self.w.norm, cfg.rms_norm_eps, residual)
         return x
 

@@ -4,6 +4,12 @@
 kernels of `swallow_kernels` (CUDA; on CPU under TRITON_INTERPRET=1 for tests), built here from
 the kernels' plain functions (the kernels package does not import swallow_stream).
 
+A layer of the model's forward is four ops: `attn_in` (residual add + RMSNorm + QKV + RoPE + KV
+write), `attention`, `attn_out` (o_proj + residual add), `moe` (RMSNorm + router + experts, output
+left unreduced for the next attn_in / rms_norm to sum). The torch set composes the reference ops
+(`fused.py`); the Triton set runs them in 6 launches a decode layer (T <= 128, issue #10) and as
+cuBLAS GEMMs around the norm / RoPE / router kernels for prefill.
+
 `prepare_experts(w)` runs once per layer at model construction: the Triton set repacks MXFP4
 experts into the kernels' layout (`w.packed`) and, on CUDA, releases the HF-layout copy.
 """
@@ -16,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from . import reference
+from . import fused, reference
 from .mxfp4 import FP4_VALUES, dequantize_mxfp4
 from .reference import ExpertWeights
 
@@ -34,6 +40,10 @@ class OpSet:
     # unreduced (fp32 [T, k, H]) for the next rms_norm to sum with the residual add.
     rope_store_kv: Callable
     experts_partial: Callable
+    # A layer's ops (model.py): see the module docstring.
+    attn_in: Callable
+    attn_out: Callable
+    moe: Callable
     prepare_experts: Callable[[ExpertWeights], None] = field(default=lambda w: None)
 
 
@@ -47,6 +57,9 @@ TORCH_OPS = OpSet(
     experts=reference.experts,
     rope_store_kv=reference.rope_store_kv,
     experts_partial=reference.experts_partial,
+    attn_in=fused.attn_in,
+    attn_out=fused.attn_out,
+    moe=fused.moe,
 )
 
 
@@ -93,6 +106,18 @@ def _attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_l
     return attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, sinks, window, scale)
 
 
+def _moe_triton(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, router_weight: torch.Tensor,
+                router_bias: torch.Tensor, top_k: int, w: ExpertWeights, swiglu_limit: float):
+    from swallow_kernels import ops as k
+
+    if w.quantized and x.shape[0] <= k.DECODE_MAX_TOKENS:  # decode: route_group, gate_up, down
+        _prepare_experts_triton(w)
+        return k.moe(x, norm_weight, eps, router_weight, router_bias, top_k, w.packed, swiglu_limit)
+    h, _ = k.rms_norm(x, norm_weight, eps)
+    weights, ids = k.route(h, router_weight, router_bias, top_k)
+    return _experts_partial_triton(h, weights, ids, w, swiglu_limit), ids
+
+
 @functools.cache
 def triton_ops() -> OpSet:
     from swallow_kernels import ops as k
@@ -107,6 +132,9 @@ def triton_ops() -> OpSet:
         experts=_experts_triton,
         rope_store_kv=k.rope_store_kv,
         experts_partial=_experts_partial_triton,
+        attn_in=k.attn_in,
+        attn_out=k.attn_out,
+        moe=_moe_triton,
         prepare_experts=_prepare_experts_triton,
     )
 

@@ -12,6 +12,7 @@ import torch
 
 from swallow_stream.ops import reference
 
+from swallow_kernels._common import _TICKETS
 from swallow_kernels.attention import paged_attention
 
 from attention_cases import CASES, make_batch
@@ -36,13 +37,16 @@ def test_attention_matches_reference(device, assert_close, dtype, case, window, 
 
 @pytest.mark.parametrize("num_splits,block_q", [(3, None), (5, 2), (1, 1)])
 def test_attention_tilings_agree(device, assert_close, num_splits, block_q):
-    """Forced context splits (flash-decoding) and small query tiles give the same result."""
+    """Forced context splits (flash-decoding) and small query tiles give the same result. The last
+    split program of a tile merges the splits (no combine launch) and leaves its ticket zero."""
     q_lens, seq_lens = [1, 1, 9], [70, 3, 100]
     for window in (0, 16):
         args = make_batch(q_lens, seq_lens, 4, 2, 16, 8, window, torch.float32, device, seed=7)
         ref = reference.attention(*args, window, 0.25)
         out = paged_attention(*args, window, 0.25, num_splits=num_splits, block_q=block_q)
         assert_close(out, ref, torch.float32)
+        if num_splits > 1:
+            assert not _TICKETS[(device, "attention")].any()
 
 
 def test_attention_real_head_layout(device, assert_close):

@@ -47,22 +47,24 @@ def _configs():
 
 CONFIGS, BUCKETS = _configs()
 NAMES = [c.name for c in CONFIGS]
-MOE_LOOPS = [c.name for c in CONFIGS if c.loop_weight_bytes]
-MOE_DECODE_LOOPS = [c.name for c in CONFIGS if c.loop_weight_bytes and c.decode]
+MOE_LOOPS = [c.name for c in CONFIGS if c.loop_weight_bytes and c.weight_format == "mxfp4"]
+MOE_DECODE_LOOPS = [c.name for c in CONFIGS if c.name in MOE_LOOPS and c.decode]
+GEMV_LOOPS = [c.name for c in CONFIGS if c.loop_weight_bytes and c.weight_format == "bf16"]
 
 
 def test_engine_configs_cover_every_bucket():
     joined = " | ".join(NAMES)
-    for needed in ("rms_norm", "rms_norm(moe partials", "rope_store_kv", "store_kv", "attention prefill", "attention combine",
-                   "moe combine"):
+    for needed in ("rms_norm", "rms_norm(moe partials", "rope_store_kv", "store_kv", "attention prefill", "moe combine"):
         assert needed in joined, needed
     for size in ("20b", "120b"):
         for b in BUCKETS:
-            for kernel in ("route", "group", "moe gate_up", "moe down"):
+            for kernel in ("route", "group", "route_group", "moe gate_up", "moe down"):
                 assert f"{kernel} {size} decode(batch {b})" in NAMES
             assert f"moe gate_up {size} prefill(2k)" in NAMES
     for b in BUCKETS:
         assert f"attention decode(batch {b}, full)" in NAMES and f"attention decode(batch {b}, sliding)" in NAMES
+        for kernel in ("attn_in(first layer)", "attn_in", "attn_out"):  # the decode layer's skinny GEMMs
+            assert f"{kernel} decode(batch {b})" in NAMES
     assert len(MOE_DECODE_LOOPS) == 2 * 2 * len(BUCKETS)
 
 
@@ -91,6 +93,24 @@ def test_moe_main_loop_streams_weights_in_16_byte_loads(compiled, name, arch):
     loads = r["loop_global_loads"]
     assert r["widest_global_load"] == 16
     assert loads.get("16", 0) * 16 >= word_bytes, f"{name} sm_{arch}: loads {loads} for {word_bytes:.0f} B of words"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", GEMV_LOOPS)
+def test_skinny_gemm_main_loop_streams_bf16_weights_in_16_byte_loads(compiled, name, arch):
+    """attn_in / attn_out: the weight tiles a thread consumes per K step (bf16, contiguous K) arrive
+    in 16-byte loads: in the main loop's body, or, where Triton unrolled the constexpr-bounded loop
+    (attn_out under 3.4), in the kernel's loads over all the steps."""
+    r = compiled[(name, arch)]
+    cfg = CONFIGS[NAMES.index(name)]
+    weight_bytes = cfg.loop_weight_bytes / (32 * cfg.options["num_warps"])
+    assert r["widest_global_load"] == 16
+    if r["loop_instructions"]:
+        loads = r["loop_global_loads"]
+    else:
+        loads = r["global_loads"]
+        weight_bytes *= cfg.loop_steps
+    assert loads.get("16", 0) * 16 >= weight_bytes, f"{name} sm_{arch}: loads {loads} for {weight_bytes:.0f} B of weights"
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -75,12 +75,12 @@ def run(cfg, weights, ops, prompts, decode):
     per step a [T] bool of tokens whose expert choice differs from `ids_ref` in some layer)."""
     chosen: list[torch.Tensor] = []
 
-    def route(*args):
-        w, ids = ops.route(*args)
+    def moe(*args):
+        y, ids = ops.moe(*args)
         chosen.append(ids.sort(-1).values.cpu())
-        return w, ids
+        return y, ids
 
-    model = GptOss(cfg, weights, dataclasses.replace(ops, route=route), max_positions=64)
+    model = GptOss(cfg, weights, dataclasses.replace(ops, moe=moe), max_positions=64)
     drv = PagedDriver(model, len(prompts), 32)
     logprobs = [drv.step(prompts)] + [drv.step([[tok] for tok in step]) for step in decode]
     n = cfg.num_hidden_layers

@@ -9,7 +9,8 @@ from swallow_stream.ops import reference, triton_ops
 from swallow_stream.ops.mxfp4 import dequantize_mxfp4
 from swallow_stream.ops.reference import ExpertWeights
 
-from swallow_kernels.moe import _TICKETS, experts, group_by_expert, launch_config, pack_experts, route
+from swallow_kernels._common import _TICKETS
+from swallow_kernels.moe import experts, group_by_expert, launch_config, moe, pack_experts, route, route_group
 from swallow_kernels.mxfp4 import pack_mxfp4, scale_pad, unpack_mxfp4
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -64,7 +65,7 @@ def test_route(device, assert_close, dtype, t, h, e, k):
     assert_close(weights, w_ref, torch.float32, scale=10)
     # e > 16 splits the experts over programs; the last one of a token block (ticket) takes the
     # top-k and leaves the tickets zero for the next launch (CUDA-graph replays reuse them)
-    assert not _TICKETS[x.device].any()
+    assert not _TICKETS[(x.device, "route")].any()
     assert torch.equal(route(x, wt, b, k)[1], ids)
 
 
@@ -91,24 +92,81 @@ def test_route_nan_and_inf_logits_give_in_range_distinct_experts(device):
     assert ids[0].tolist() == [0, 1, 2, 3]  # ties -> lowest ids, in order
 
 
-@pytest.mark.parametrize("t,k,e,block_m", [(1, 4, 32, 16), (70, 4, 8, 16), (300, 2, 16, 64)])
-def test_group_by_expert(device, t, k, e, block_m):
-    _, ids = uneven_routing(t, k, e, seed=t, device=device)
-    sorted_pairs, tile_e, tile_row, tile_len = (a.cpu() for a in group_by_expert(ids, e, block_m))
+def check_grouping(ids: torch.Tensor, groups, e: int, block_m: int) -> None:
+    """sorted pairs are a permutation grouped by expert (stable); the valid tiles come first, one
+    expert each, at most block_m rows, and cover every sorted row once."""
+    sorted_pairs, tile_e, tile_row, tile_len = (a.cpu() for a in groups)
+    p = ids.numel()
     flat = ids.reshape(-1).cpu()
-    assert sorted(sorted_pairs.tolist()) == list(range(t * k))  # a permutation
+    assert sorted(sorted_pairs.tolist()) == list(range(p))  # a permutation
     assert torch.equal(flat[sorted_pairs.long()], flat.sort(stable=True).values)  # grouped by expert
+    assert torch.equal(sorted_pairs.long(), flat.sort(stable=True).indices)  # pair order within an expert
     valid = tile_e >= 0
     n = int(valid.sum())
     assert valid[:n].all() and not valid[n:].any()
     counts = torch.bincount(flat.long(), minlength=e)
     assert n == int(((counts + block_m - 1) // block_m).sum())
-    covered = torch.zeros(t * k, dtype=torch.int32)
+    covered = torch.zeros(p, dtype=torch.int32)
     for ex, r0, ln in zip(tile_e[:n].tolist(), tile_row[:n].tolist(), tile_len[:n].tolist()):
         assert 0 < ln <= block_m
         assert (flat[sorted_pairs[r0 : r0 + ln].long()] == ex).all()
         covered[r0 : r0 + ln] += 1
     assert (covered == 1).all()
+
+
+@pytest.mark.parametrize("t,k,e,block_m", [(1, 4, 32, 16), (70, 4, 8, 16), (300, 2, 16, 64)])
+def test_group_by_expert(device, t, k, e, block_m):
+    _, ids = uneven_routing(t, k, e, seed=t, device=device)
+    check_grouping(ids, group_by_expert(ids, e, block_m), e, block_m)
+
+
+def router_case(t, h, e, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(t, h, generator=g) * 3).to(device, dtype)  # a residual stream: not unit rms
+    nw = (1 + 0.3 * torch.randn(h, generator=g)).to(device)
+    wt = (torch.randn(e, h, generator=g) * 2 / h**0.5).to(device, dtype)
+    b = (torch.randn(e, generator=g) * 0.5).to(device, dtype)
+    return x, nw, wt, b
+
+
+# Decode buckets at scaled-down shapes: one expert chunk (E=8), 2 and 8 chunks a token block
+# (E=32, 128), several token blocks (T > 16: the last block to finish groups), an H tail.
+ROUTE_GROUP_CASES = [(1, 96, 32, 4), (2, 64, 8, 2), (8, 160, 128, 4), (32, 64, 32, 4), (128, 96, 128, 4)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,h,e,k", ROUTE_GROUP_CASES)
+def test_route_group_matches_norm_route_and_group(device, assert_close, dtype, t, h, e, k):
+    """One launch: rms_norm + route + group_by_expert, against the torch reference norm and router
+    (the router on the kernel's own normed rows, so ids compare exactly) and the grouping checks."""
+    x, nw, wt, b = router_case(t, h, e, dtype, device, seed=t + e)
+    hn, weights, ids, groups = route_group(x, nw, 1e-5, wt, b, k)
+    assert_close(hn, reference.rms_norm(x, nw, 1e-5)[0], dtype)
+    w_ref, ids_ref = reference.route(hn, wt, b, k)
+    assert torch.equal(ids, ids_ref)
+    assert_close(weights, w_ref, torch.float32, scale=10)
+    check_grouping(ids, groups, e, launch_config(t, k, e)["BLOCK_M"])
+    assert not _TICKETS[(x.device, "route_group")].any()  # every ticket reset for the next launch / graph replay
+    assert torch.equal(route_group(x, nw, 1e-5, wt, b, k)[2], ids)
+
+
+@pytest.mark.parametrize("t", [3, 40])
+def test_route_group_nan_and_inf_logits(device, t):
+    """Poisoned logits (a NaN and +-inf router bias, an all-NaN token row): ids stay in range and
+    distinct, weights finite, the grouping valid; rows that are not all NaN match the reference."""
+    h, e, k = 32, 32, 4
+    x, nw, wt, b = router_case(t, h, e, torch.float32, device, seed=11)
+    b[7], b[3], b[5] = float("nan"), float("inf"), float("-inf")
+    x[1] = float("nan")  # every logit of token 1 is NaN
+    hn, weights, ids, groups = route_group(x, nw, 1e-5, wt, b, k)
+    assert ((ids >= 0) & (ids < e)).all() and all(len(set(r)) == k for r in ids.tolist()), ids
+    assert torch.isfinite(weights).all() and torch.allclose(weights.sum(-1).cpu(), torch.ones(t))
+    w_ref, ids_ref = reference.route(hn, wt, b, k)
+    rows = [r for r in range(t) if r != 1]
+    assert torch.equal(ids[rows], ids_ref[rows])
+    assert (ids[rows, 0] == 3).all() and not (ids == 7).any()  # +inf always first, NaN never
+    assert ids[1].tolist() == [0, 1, 2, 3]  # all NaN: ties -> lowest ids
+    check_grouping(ids, groups, e, launch_config(t, k, e)["BLOCK_M"])
 
 
 def test_pack_mxfp4_roundtrip_and_layout():
@@ -168,6 +226,24 @@ def test_experts_match_reference(device, assert_close, dtype, t, k, e, h, inter,
     ref = reference.experts(x, rw, ids, w, 7.0)
     assert out.dtype == dtype and out.shape == x.shape
     assert_close(out, ref, dtype, scale=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,k,e,h,inter", [(1, 4, 32, 96, 64), (8, 2, 8, 64, 96), (40, 4, 16, 96, 64)])
+def test_moe_decode_block_matches_reference(device, assert_close, dtype, t, k, e, h, inter):
+    """The decode MoE block in three launches (route_group, gate_up, down) against the reference
+    experts on route_group's normed rows and routing (themselves checked against the reference
+    above: the interpreter truncates fp32 -> bf16, so bf16 rows of a reference norm differ by an
+    ulp and may flip a near-tie expert)."""
+    w = mxfp4_experts(e, h, inter, device, seed=t)
+    x, nw, wt, b = router_case(t, h, e, dtype, device, seed=t)
+    y, ids = moe(x, nw, 1e-5, wt, b, k, packed(w), 7.0)
+    hn, rw, ids_rg, _ = route_group(x, nw, 1e-5, wt, b, k)
+    assert torch.equal(ids, ids_rg)
+    if dtype == torch.float32:
+        assert torch.equal(ids, reference.route(reference.rms_norm(x, nw, 1e-5)[0], wt, b, k)[1])
+    assert y.dtype == torch.float32 and y.shape == (t, k, h)
+    assert_close(y, reference.experts_partial(hn, rw, ids, w, 7.0), dtype, scale=2)
 
 
 def test_experts_clamp_active(device, assert_close):
@@ -249,3 +325,27 @@ def test_experts_reject_bad_input(device):
         experts(torch.randn(2, 96, device=device), rw, ids, w, 7.0)
     with pytest.raises(ValueError, match="MoEWeights"):
         experts(x, rw, ids, mxfp4_experts(4, 64, 32, device), 7.0)
+
+
+@pytest.mark.parametrize("t,dense", [(3, False), (130, False), (3, True)])
+def test_opset_moe_block_matches_torch_opset(device, assert_close, t, dense):
+    """The OpSet's `moe` on both sets: decode (fused launches), prefill (T > 128: rms_norm, route,
+    group, matmuls) and dense experts (the torch expert path after the Triton norm and router)."""
+    from swallow_stream.ops import TORCH_OPS
+
+    e, h, inter, k = 8, 64, 32, 2
+    if dense:
+        g = torch.Generator().manual_seed(0)
+        w = ExpertWeights(gate_up_bias=torch.randn(e, 2 * inter, generator=g).to(device),
+                          down_bias=torch.randn(e, h, generator=g).to(device),
+                          gate_up=(torch.randn(e, h, 2 * inter, generator=g) / 8).to(device),
+                          down=(torch.randn(e, inter, h, generator=g) / 8).to(device))
+        w_ref = w
+    else:
+        w = mxfp4_experts(e, h, inter, device, seed=t)
+        w_ref = _to(w, device)
+    x, nw, wt, b = router_case(t, h, e, torch.float32, device, seed=t)
+    y, ids = triton_ops().moe(x, nw, 1e-5, wt, b, k, w, 7.0)
+    y_ref, ids_ref = TORCH_OPS.moe(x, nw, 1e-5, wt, b, k, w_ref, 7.0)
+    assert torch.equal(ids, ids_ref)
+    assert_close(y, y_ref, torch.float32, scale=2)
