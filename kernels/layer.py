@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from ._common import ACT_DTYPES, cdiv, check, check_device, check_dtype, mma, next_pow2, round_to
-from .norm import rms_norm, stream_rows
+from .norm import check_stream_input, rms_norm, stream_rows
 from .rope import rope_store_kv, rotate_half
 
 # Decode buckets (T new tokens) that take the fused kernels; above this (prefill) the layer is
@@ -215,16 +215,7 @@ def attn_in(
         v = qkv[:, (hq + hk) * d :].view(t, hk, d)
         return rope_store_kv(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping), res
     check_device(x, norm_weight, qkv_weight, qkv_bias, positions, cos, sin, k_cache, v_cache, slot_mapping)
-    parts = 0
-    if x.dim() == 3:
-        check(residual is not None, "MoE partials [T, k, H] need the residual stream")
-        check(x.dtype == torch.float32 and x.is_contiguous(), "MoE partials must be contiguous fp32 [T, k, H]")
-        parts = x.shape[1]
-        act = residual.dtype
-    else:
-        check_dtype("x", x, ACT_DTYPES)
-        check(x.dim() == 2 and x.stride(1) == 1, f"x must be [T, H] with a contiguous last axis, got {list(x.shape)}")
-        act = x.dtype
+    parts, act = check_stream_input(x, residual)
     if residual is not None:
         check(residual.shape == (t, h) and residual.dtype == act and residual.stride(1) == 1,
               f"residual must be [{t}, {h}] {act} with a contiguous last axis")

@@ -146,6 +146,29 @@ def _top_k(logits_ptr, weights_ptr, ids_ptr, rows, row_ok, E,
 
 
 @triton.jit
+def _route_token_block(x_ptr, w_ptr, b_ptr, norm_w_ptr, h_ptr, weights_ptr, ids_ptr, logits_ptr, ticket_ptr, T, H, E,
+                       stride_x, stride_w, eps, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+                       CHUNK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr):
+    """One program of a (token blocks, expert chunks) router grid: logits of its CHUNK_E experts
+    (NORM: of the RMS-normed rows, program column 0 storing them to h), then the last program of
+    the token block to arrive does its top-k and resets its ticket. -> (rows [BLOCK_T], last)."""
+    pid_t = tl.program_id(0)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    ec = tl.program_id(1) * CHUNK_E + tl.arange(0, CHUNK_E)
+    _router_logits(x_ptr, w_ptr, b_ptr, norm_w_ptr, h_ptr, logits_ptr, rows, row_ok, ec, ec < E, H, stride_x, stride_w, eps,
+                   BLOCK_T, BLOCK_E, CHUNK_E, BLOCK_H, NORM, tl.program_id(1) == 0)
+    last = True
+    if BLOCK_E // CHUNK_E > 1:
+        last = last_to_arrive(ticket_ptr + pid_t, BLOCK_E // CHUNK_E, rows)
+    if last:
+        _top_k(logits_ptr, weights_ptr, ids_ptr, rows, row_ok, E, TOP_K, BLOCK_T, BLOCK_E, BLOCK_K)
+        if BLOCK_E // CHUNK_E > 1:
+            tl.store(ticket_ptr + pid_t, 0)
+    return rows, last
+
+
+@triton.jit
 def route_kernel(
     x_ptr,  # [T, H]
     w_ptr,  # [E, H]
@@ -166,19 +189,8 @@ def route_kernel(
     # Grid (token blocks, expert chunks): the router matrix is read by BLOCK_E / CHUNK_E programs
     # at once instead of one. Each writes its logits to the scratch; the last program of a token
     # block to arrive (`last_to_arrive`) does the top-k for it.
-    pid_t = tl.program_id(0)
-    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = rows < T
-    ec = tl.program_id(1) * CHUNK_E + tl.arange(0, CHUNK_E)
-    _router_logits(x_ptr, w_ptr, b_ptr, x_ptr, x_ptr, logits_ptr, rows, row_ok, ec, ec < E, H, stride_x, stride_w, 0.0,
-                   BLOCK_T, BLOCK_E, CHUNK_E, BLOCK_H, False, False)
-    last = True
-    if BLOCK_E // CHUNK_E > 1:
-        last = last_to_arrive(ticket_ptr + pid_t, BLOCK_E // CHUNK_E, rows)
-    if last:
-        _top_k(logits_ptr, weights_ptr, ids_ptr, rows, row_ok, E, TOP_K, BLOCK_T, BLOCK_E, BLOCK_K)
-        if BLOCK_E // CHUNK_E > 1:
-            tl.store(ticket_ptr + pid_t, 0)
+    _route_token_block(x_ptr, w_ptr, b_ptr, x_ptr, x_ptr, weights_ptr, ids_ptr, logits_ptr, ticket_ptr, T, H, E,
+                       stride_x, stride_w, 0.0, TOP_K, BLOCK_T, BLOCK_E, CHUNK_E, BLOCK_H, BLOCK_K, False)
 
 
 def route_config(num_tokens: int, num_experts: int) -> dict:
@@ -314,19 +326,10 @@ def route_group_kernel(
     # column 0 stores them for the experts), scores CHUNK_E experts; the last of a token block does
     # its top-k, then counts in at a second ticket: the last token block to finish groups all
     # T * TOP_K pairs by expert (group_kernel's counting sort).
-    pid_t = tl.program_id(0)
-    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = rows < T
-    ec = tl.program_id(1) * CHUNK_E + tl.arange(0, CHUNK_E)
-    _router_logits(x_ptr, w_ptr, b_ptr, norm_w_ptr, h_ptr, logits_ptr, rows, row_ok, ec, ec < E, H, stride_x, stride_w, eps,
-                   BLOCK_T, BLOCK_E, CHUNK_E, BLOCK_H, True, tl.program_id(1) == 0)
-    last = True
-    if BLOCK_E // CHUNK_E > 1:
-        last = last_to_arrive(ticket_ptr + pid_t, BLOCK_E // CHUNK_E, rows)
+    rows, last = _route_token_block(x_ptr, w_ptr, b_ptr, norm_w_ptr, h_ptr, weights_ptr, ids_ptr, logits_ptr, ticket_ptr,
+                                    T, H, E, stride_x, stride_w, eps, TOP_K, BLOCK_T, BLOCK_E, CHUNK_E, BLOCK_H,
+                                    BLOCK_K, True)
     if last:
-        _top_k(logits_ptr, weights_ptr, ids_ptr, rows, row_ok, E, TOP_K, BLOCK_T, BLOCK_E, BLOCK_K)
-        if BLOCK_E // CHUNK_E > 1:
-            tl.store(ticket_ptr + pid_t, 0)
         blocks = tl.num_programs(0)
         if last_to_arrive(ticket_ptr + blocks, blocks, rows):
             _group(ids_ptr, sorted_ptr, tile_expert_ptr, tile_row_ptr, tile_len_ptr, T * TOP_K, E, NUM_TILES,

@@ -65,22 +65,25 @@ def launch_config(hidden: int) -> dict:
     return {"BLOCK_H": block, "num_warps": 8 if block >= 4096 else 4 if block >= 1024 else 1}
 
 
+def check_stream_input(x: torch.Tensor, residual: torch.Tensor | None) -> tuple[int, torch.dtype]:
+    """x: activations [T, H], or the MoE's fp32 partials [T, k, H] (summed first; the residual
+    then required). -> (k, or 0 for activations; the residual stream's dtype)."""
+    if x.dim() == 3:
+        check(residual is not None, "MoE partials [T, k, H] need the residual stream")
+        check(x.dtype == torch.float32 and x.is_contiguous(), "MoE partials must be contiguous fp32 [T, k, H]")
+        return x.shape[1], residual.dtype
+    check_dtype("x", x, ACT_DTYPES)
+    check(x.dim() == 2 and x.stride(-1) == 1, f"x must be [T, H] with unit last stride, got {list(x.shape)} strides {x.stride()}")
+    return 0, x.dtype
+
+
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(norm(x + residual) * weight, x + residual); x, residual [T, H]; weight [H] fp32.
     x may be fp32 [T, k, H] MoE partials (summed over k first; residual required, its dtype out)."""
     check_device(x, weight)
-    parts = 0
-    if x.dim() == 3:
-        check(residual is not None, "MoE partials [T, k, H] need the residual stream")
-        check(x.dtype == torch.float32 and x.is_contiguous(), "MoE partials must be contiguous fp32 [T, k, H]")
-        parts = x.shape[1]
-        act_dtype = residual.dtype
-    else:
-        check_dtype("x", x, ACT_DTYPES)
-        check(x.dim() == 2 and x.stride(-1) == 1, f"x must be [T, H] with unit last stride, got {list(x.shape)} strides {x.stride()}")
-        act_dtype = x.dtype
+    parts, act_dtype = check_stream_input(x, residual)
     t, h = x.shape[0], x.shape[-1]
     check_shape("weight", weight, (h,))
     check(weight.is_contiguous(), "weight must be contiguous")
