@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 import triton
@@ -111,14 +112,31 @@ def last_to_arrive(ticket_ptr, arrivals, anchor):
     return tl.atomic_add(ticket_ptr, 1) == arrivals - 1
 
 
-_TICKETS: dict[tuple[torch.device, str], torch.Tensor] = {}
+class _Tickets:
+    """Zeroed int32 ticket buffers for `last_to_arrive`, one per (device, owner kernel): every
+    launch leaves its tickets zero again, so a buffer is filled once, at first use. A buffer is
+    never freed, not even when a larger one replaces it: CUDA graphs captured earlier keep its
+    address. Engines on other threads may ask at once, hence the lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buffers: dict[tuple[torch.device, str], torch.Tensor] = {}
+        self._retired: list[torch.Tensor] = []
+
+    def get(self, device: torch.device, n: int, owner: str) -> torch.Tensor:
+        with self._lock:
+            buf = self._buffers.get((device, owner))
+            if buf is None or buf.numel() < n:
+                if buf is not None:
+                    self._retired.append(buf)
+                buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+                self._buffers[(device, owner)] = buf
+            return buf
+
+
+_TICKETS = _Tickets()
 
 
 def tickets(device: torch.device, n: int, owner: str) -> torch.Tensor:
-    """Zeroed int32 tickets for `last_to_arrive`, one buffer per (device, owner kernel); every
-    launch leaves them zero again. Allocated (one fill launch) on first use only."""
-    buf = _TICKETS.get((device, owner))
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _TICKETS[(device, owner)] = buf
-    return buf
+    """[>= n] zeroed int32 tickets for `owner`'s launches on `device` (see `_Tickets`)."""
+    return _TICKETS.get(device, n, owner)
