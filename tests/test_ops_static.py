@@ -162,12 +162,11 @@ def test_engine_on_device_paths_generates_what_the_cpu_paths_do(monkeypatch, tin
     sliding-window layers) with the torch ops' device paths forced on CPU: same greedy tokens."""
     from swallow_stream import stream
 
-    prompts = ["Create a casual one-day Tokyo itinerary in Japanese.", "東京の一日観光プランを作ってください。",
-               "What is the capital of Japan?"]
+    prompts = ["Create a casual one-day Tokyo itinerary in Japanese.", "東京の一日観光プランを作ってください。"]
 
     def run():
         engine = make_engine(tiny_path, max_num_batched_tokens=32)  # prompts prefill in chunks
-        streams = [stream(p, model=engine, temperature=0, max_tokens=40) for p in prompts]
+        streams = [stream(p, model=engine, temperature=0, max_tokens=32) for p in prompts]
         return [s.collect().token_ids for s in streams]
 
     on_cpu = run()
