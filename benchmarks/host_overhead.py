@@ -9,15 +9,19 @@ top, so nothing stops), so what is left per step is what a GPU would wait for, p
 On CPU the sampler is device work too (on CUDA it runs inside the step's graph): it is timed where
 it runs, in the engine thread, and reported apart; "host" is the step minus the sampler.
 
-`--no-consumers`: the requests' tokens go to a callback that drops them, so the engine thread runs
-alone (what the engine itself costs, without the consumers' Python sharing the GIL with it).
+`--consumers async`: every request is an `astream()` on one event loop in one thread, as the
+servers (WebSocket, OpenAI API, UI) read them. `--consumers none` (or `--no-consumers`): the
+requests' tokens go to a callback that parses them (harmony, detokenization) on the engine thread
+and drops them, so the engine thread runs alone: what the engine and the parsing cost, without
+thread hand-offs or other threads' Python sharing the GIL with it.
 
-    .venv/bin/python benchmarks/host_overhead.py [--batches 1,16,64] [--repeats 5] [--no-consumers] [--json out.json]
+    .venv/bin/python benchmarks/host_overhead.py [--batches 1,16,64] [--repeats 5] [--consumers threads|async|none] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -51,18 +55,46 @@ def fake_model(engine) -> None:
     model.logits = lm_head
 
 
-def measure(engine, clock, n: int, repeats: int, window: float, sampling: dict, consumers: bool = True
+def consume_async(engine, prompts: list[str], max_tokens: int, sampling: dict, stop: threading.Event,
+                  started: list) -> threading.Thread:
+    """Every stream read by `astream` on one event loop in one thread, as the servers read them."""
+    from swallow_stream import astream
+
+    async def consume(prompt: str):
+        s = astream(prompt, model=engine, max_tokens=max_tokens, **sampling)
+        first = True
+        async for _ in s:
+            if first:
+                started.append(1)
+                first = False
+            if stop.is_set():
+                await s.aclose()
+                return
+
+    async def main():
+        await asyncio.gather(*(consume(p) for p in prompts))
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    thread.start()
+    return thread
+
+
+def measure(engine, clock, n: int, repeats: int, window: float, sampling: dict, consumers: str = "threads"
             ) -> list[tuple[float, float]]:
     """-> [(seconds per step, of which in the sampler)] per repeat."""
     from swallow_stream import stream
-    from swallow_stream.harmony import render_messages
+    from swallow_stream.harmony import HarmonyStreamParser, get_tokenizer, render_messages
     from swallow_stream.request import GenerateRequest
 
     prompts = [f"Request {i}: say something." for i in range(n)]
     max_tokens = engine.max_model_len - 200
     stop = threading.Event()
     threads, seqs = [], []
-    if consumers:
+    if consumers == "async":
+        first_tokens: list = []
+        threads = [consume_async(engine, prompts, max_tokens, sampling, stop, first_tokens)]
+        started = lambda: len(first_tokens)  # noqa: E731
+    elif consumers == "threads":
         streams = [stream(p, model=engine, max_tokens=max_tokens, **sampling) for p in prompts]
 
         def consume(s):
@@ -75,10 +107,12 @@ def measure(engine, clock, n: int, repeats: int, window: float, sampling: dict, 
         for t in threads:
             t.start()
         started = lambda: sum(1 for s in streams if len(s.token_ids) > 0)  # noqa: E731
-    else:
+    else:  # each token parsed (harmony, detokenized) on the engine thread, then dropped
         for p in prompts:
             req = GenerateRequest.create(p, engine.generation, max_tokens=max_tokens, **sampling)
-            seqs.append(engine.submit(render_messages(req.messages), req.params, lambda out: None))
+            feed = HarmonyStreamParser(get_tokenizer()).feed
+            seqs.append(engine.submit(render_messages(req.messages), req.params,
+                                      lambda out, feed=feed: [feed(t) for t in out.token_ids]))
         started = lambda: sum(1 for s in seqs if s.num_generated > 0)  # noqa: E731
     while started() < n:  # every prefill done
         time.sleep(0.01)
@@ -125,7 +159,10 @@ def main() -> None:
     ap.add_argument("--window", type=float, default=1.0, help="seconds per repeat")
     ap.add_argument("--greedy", action="store_true", help="temperature 0 instead of Swallow's defaults")
     ap.add_argument("--overlap", choices=["on", "off"], default=None, help="one-step-late decoding (default: the engine's)")
-    ap.add_argument("--no-consumers", action="store_true", help="tokens dropped by a callback: no stream() threads")
+    ap.add_argument("--consumers", choices=["threads", "async", "none"], default="threads",
+                    help="threads: one stream() thread per request; async: every request an astream() on one "
+                    "event loop (as the servers); none: tokens dropped by a callback")
+    ap.add_argument("--no-consumers", action="store_const", const="none", dest="consumers", help="--consumers none")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     batches = [int(x) for x in args.batches.split(",")]
@@ -145,7 +182,7 @@ def main() -> None:
     clock = SamplerClock()
     results = {}
     for n in batches:
-        results[n] = measure(engine, clock, n, args.repeats, args.window, sampling, not args.no_consumers)
+        results[n] = measure(engine, clock, n, args.repeats, args.window, sampling, args.consumers)
     vocab = engine.config.vocab_size
     overlap = engine.engine_config.overlap
     engine.shutdown()
@@ -154,7 +191,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "sampling": "greedy" if args.greedy else "temperature 0.6, top_p 0.95, top_k 20",
         "overlap": overlap,
-        "consumers": not args.no_consumers,
+        "consumers": args.consumers,
         "vocab": vocab,
         "batches": {},
     }

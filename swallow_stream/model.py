@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .ops import ExpertWeights, OpSet
+from .ops.reference import linear
 
 
 @dataclass
@@ -210,8 +211,11 @@ class GptOss:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, H] -> [N, V] fp32."""
-        if hidden.device.type == "cpu" and hidden.dtype == torch.float32 and hidden.shape[0] > 1:
-            # MKL's fp32 GEMM streams the 201k-row unembedding 2-3x faster as W @ h^T than as
-            # h @ W^T (F.linear) for a few rows (measured on AVX2: 8 rows 72 vs 251 ms)
-            return (self.w.lm_head @ hidden.t()).t().contiguous()
-        return F.linear(hidden, self.w.lm_head).float()
+        w = self.w.lm_head
+        if hidden.device.type == "cpu" and hidden.dtype == torch.float32:
+            if hidden.shape[0] > 1:
+                # MKL's fp32 GEMM streams the 201k-row unembedding 2-3x faster as W @ h^T than as
+                # h @ W^T (F.linear) for a few rows (measured on AVX2: 8 rows 72 vs 251 ms)
+                return (w @ hidden.t()).t().contiguous()
+            return linear(hidden, w)
+        return F.linear(hidden, w).float()

@@ -40,11 +40,14 @@ def tiny_path(tmp_path_factory):
 
 @pytest.fixture
 def make_engine():
-    """make_engine(path, **EngineOptions fields) -> LLMEngine on CPU, shut down after the test."""
+    """make_engine(path, **EngineOptions fields) -> LLMEngine on CPU, shut down after the test.
+    fp32 unless a test asks for another dtype: the numerics tests compare with fp32 oracles, and
+    the CPU's own default (bf16 where the CPU computes it natively) differs between machines."""
     engines = []
 
     def make(path, name=None, **opts):
         opts.setdefault("device", "cpu")
+        opts.setdefault("dtype", "float32")
         e = LLMEngine(open_checkpoint(path), EngineOptions(**opts), name=name or "test")
         engines.append(e)
         return e
@@ -56,7 +59,7 @@ def make_engine():
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_path):
-    """One shared engine on the tiny checkpoint (tests must leave it idle)."""
-    e = LLMEngine(open_checkpoint(tiny_path), EngineOptions(device="cpu"), name="tiny-test")
+    """One shared engine on the tiny checkpoint, fp32 as `make_engine` (tests must leave it idle)."""
+    e = LLMEngine(open_checkpoint(tiny_path), EngineOptions(device="cpu", dtype="float32"), name="tiny-test")
     yield e
     e.shutdown()

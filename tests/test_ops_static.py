@@ -93,7 +93,7 @@ def test_experts_without_host_reads_keep_other_rows_clean():
     torch.testing.assert_close(out[0], reference.experts_partial(x[:1], rw[:1], ids[:1], w, 7.0)[0])
 
 
-@pytest.mark.parametrize("slots", [[-1, 5, -1, 2], [-1, -1], [0, -1, 7], [3]])
+@pytest.mark.parametrize("slots", [[-1, 5, -1, 2], [-1, -1], [0, -1, 7], [3], [4, 0, 6]])
 def test_store_kv_skips_minus_one_without_masking(slots):
     g = torch.Generator().manual_seed(0)
     k_cache, v_cache = torch.randn(4, 2, 1, 3, generator=g), torch.randn(4, 2, 1, 3, generator=g)

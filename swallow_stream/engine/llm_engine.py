@@ -24,7 +24,7 @@ from ..model import ModelWeights
 from ..ops import get_ops
 from ..sampling import SamplingParams
 from .block_manager import KVCacheManager
-from .config import EngineConfig, EngineOptions, StopPolicy, resolve
+from .config import EngineConfig, EngineOptions, StopPolicy, cpu_has_native_bf16, resolve
 from .model_runner import ModelRunner, plan_kv_cache
 from .planner import kv_cache_budget
 from .scheduler import Scheduler
@@ -104,8 +104,11 @@ class LLMEngine:
         del state
         ops = get_ops(cfg.ops, cfg.device.type)
         if cfg.dequantize_experts and ops.name == "torch":
+            # bf16 where the CPU computes it natively (half the bytes a step streams); elsewhere a
+            # bf16 GEMM is emulated and slower than fp32, so fp32 even when the engine runs in bf16
+            native = cfg.dtype == torch.bfloat16 and cpu_has_native_bf16()
             for layer in weights.layers:
-                layer.experts.materialize(torch.float32)
+                layer.experts.materialize(torch.bfloat16 if native else torch.float32)
         budget, longest = kv_cache_budget(cfg, self.config)
         if longest < cfg.max_model_len:
             log.warning("the KV cache (%.2f GiB) holds %d tokens of one sequence: max_model_len lowered from %d",
@@ -368,11 +371,13 @@ class LLMEngine:
                 return False
         self._resolve()
         rows = []
+        commit, bs = self.kv.commit, self.kv.block_size
         for row, (seq, _) in enumerate(go):
             if seq.status != SequenceStatus.RUNNING:
                 continue  # stopped (or cancelled) by the tokens just read: this row's token is dropped
             seq.num_computed += 1
-            self.kv.commit(seq)
+            if seq.num_computed // bs > len(seq.block_hashes):  # a block just became full: name it
+                commit(seq)
             seq.token_ids.append(PENDING_TOKEN)
             seq.pending_row = row
             rows.append((seq, row))

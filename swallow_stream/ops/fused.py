@@ -5,7 +5,6 @@ op by op before the ops were fused."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import reference
 
@@ -18,7 +17,7 @@ def attn_in(
     """Residual add (x may be the MoE's fp32 partials [T, k, H]) + RMSNorm + the fused q/k/v
     projection + RoPE + KV-cache write. -> (rotated q [T, Hq, D], the new residual [T, H])."""
     h, residual = reference.rms_norm(x, norm_weight, eps, residual)
-    qkv = F.linear(h, qkv_weight, qkv_bias)
+    qkv = reference.linear(h, qkv_weight, qkv_bias)
     t, d = qkv.shape[0], k_cache.shape[-1]
     hq, hk = num_heads, num_kv_heads
     q = qkv[:, : hq * d].view(t, hq, d)
@@ -30,7 +29,7 @@ def attn_in(
 def attn_out(o: torch.Tensor, o_weight: torch.Tensor, o_bias: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """residual + o_proj(o): o [T, Hq, D] -> the new residual [T, H] (the projection rounded to the
     stream's dtype before the add)."""
-    return F.linear(o.reshape(o.shape[0], -1), o_weight, o_bias) + residual
+    return reference.linear(o.reshape(o.shape[0], -1), o_weight, o_bias) + residual
 
 
 def moe(

@@ -25,7 +25,7 @@ def test_engine_triton_ops_match_torch_ops(small_path):
     runs = {}
     for ops in ("torch", "triton"):
         engine = LLMEngine(open_checkpoint(small_path),
-                           EngineOptions(device="cpu", ops=ops, block_size=4, max_num_batched_tokens=24), name=ops)
+                           EngineOptions(device="cpu", dtype="float32", ops=ops, block_size=4, max_num_batched_tokens=24), name=ops)
         try:
             assert engine.runner.model.ops.name == ops
             streams = [stream(p, model=engine, temperature=0, max_tokens=6, logprobs=True)
