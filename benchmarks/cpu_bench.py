@@ -13,7 +13,11 @@ Measured: one stream's decode rate; time to first token and decode rate at a ~2k
 against a ~100-token one; 8 and 16 concurrent streams against transformers' batched `generate` and
 against the same prompts one after another.
 
-    .venv/bin/python benchmarks/cpu_bench.py [--json benchmarks/cpu_bench_results.json]
+Each side runs --rounds times (default 3), alternating which goes first; every figure is the median
+over the rounds, with the spread of the rounds' own ratios (a shared VM's memory bandwidth drifts
+by tens of percent from one minute to the next).
+
+    .venv/bin/python benchmarks/cpu_bench.py [--rounds 3] [--json benchmarks/cpu_bench_results.json]
 """
 
 from __future__ import annotations
@@ -116,6 +120,16 @@ def run_hf(path: str, args) -> dict:
     return out
 
 
+def median_of(runs: list[dict]) -> dict:
+    """The rounds' results of one side, each number the median over the rounds."""
+    first = runs[0]
+    if isinstance(first, dict):
+        return {k: median_of([r[k] for r in runs]) for k in first}
+    if isinstance(first, int):  # token counts: the same every round
+        return statistics.median_low(runs)
+    return statistics.median(runs) if isinstance(first, float) else first
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
@@ -124,6 +138,7 @@ def main() -> None:
     ap.add_argument("--long-repeat", type=int, default=120, help="prompt repeats for the ~2k-token prompt")
     ap.add_argument("--streams", default="8,16")
     ap.add_argument("--repeats", type=int, default=3, help="one stream on the short prompt: the median of this many requests")
+    ap.add_argument("--rounds", type=int, default=3, help="each side this many times, alternating; medians reported")
     ap.add_argument("--dtype", default=None, help="force the engine's dtype (default: its own per-device choice); "
                     "transformers stays at its default, bf16")
     ap.add_argument("--part", choices=["engine", "hf"], default=None, help=argparse.SUPPRESS)
@@ -139,15 +154,21 @@ def main() -> None:
     from swallow_stream.checkpoint import preset, write_checkpoint
 
     path = write_checkpoint(tempfile.mkdtemp(prefix="bench-"), preset(args.preset), seed=0)
-    sides = {}
-    for part in ("engine", "hf"):
-        cmd = [sys.executable, __file__, "--part", part, "--checkpoint", str(path), "--new-tokens", str(args.new_tokens),
-               "--long-repeat", str(args.long_repeat), "--streams", ",".join(map(str, args.streams)),
-               "--repeats", str(args.repeats)]
-        if args.dtype:
-            cmd += ["--dtype", args.dtype]
-        sides[part] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-    e, h = sides["engine"], sides["hf"]
+    rounds = []
+    for r in range(args.rounds):
+        sides = {}
+        # the sides alternate which goes first: a shared VM's slow minutes fall on both alike
+        for part in ("engine", "hf") if r % 2 == 0 else ("hf", "engine"):
+            cmd = [sys.executable, __file__, "--part", part, "--checkpoint", str(path), "--new-tokens",
+                   str(args.new_tokens), "--long-repeat", str(args.long_repeat), "--streams",
+                   ",".join(map(str, args.streams)), "--repeats", str(args.repeats)]
+            if args.dtype:
+                cmd += ["--dtype", args.dtype]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            sides[part] = json.loads(out.splitlines()[-1])
+        rounds.append({"engine": sides["engine"], "transformers": sides["hf"]})
+    e = median_of([r["engine"] for r in rounds])
+    h = median_of([r["transformers"] for r in rounds])
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d"),
@@ -156,19 +177,29 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "engine": e,
         "transformers": h,
+        "rounds": rounds,
     }
+
+    def spread(ratio, form: str = " (rounds {})") -> str:  # each round's own ratio, lowest to highest
+        each = [ratio(r["engine"], r["transformers"]) for r in rounds]
+        return form.format(f"{min(each):.2f}-{max(each):.2f}") if len(each) > 1 else ""
+
     print(f"machine: {result['machine']}  date: {result['date']}  preset {args.preset}, greedy, "
-          f"{args.new_tokens} new tokens; engine {e['dtype']}, transformers {h['dtype']}")
+          f"{args.new_tokens} new tokens; engine {e['dtype']}, transformers {h['dtype']}; medians of {args.rounds} "
+          f"round(s)")
     print(f"one stream decode       engine {e['decode_tok_s']:7.1f} tok/s   transformers {h['decode_tok_s']:7.1f}   "
-          f"{e['decode_tok_s'] / h['decode_tok_s']:.2f}x")
+          f"{e['decode_tok_s'] / h['decode_tok_s']:.2f}x{spread(lambda a, b: a['decode_tok_s'] / b['decode_tok_s'])}")
     print(f"{e['long_prompt_tokens']}-token prompt TTFT   engine {e['long_ttft_s'] * 1e3:7.0f} ms     transformers "
-          f"{h['long_ttft_s'] * 1e3:7.0f}    {h['long_ttft_s'] / e['long_ttft_s']:.2f}x faster")
+          f"{h['long_ttft_s'] * 1e3:7.0f}    {h['long_ttft_s'] / e['long_ttft_s']:.2f}x faster"
+          f"{spread(lambda a, b: b['long_ttft_s'] / a['long_ttft_s'])}")
     print(f"decode at that context  engine {e['long_decode_tok_s']:7.1f} tok/s   transformers "
-          f"{h['long_decode_tok_s']:7.1f}   {e['long_decode_tok_s'] / h['long_decode_tok_s']:.2f}x")
-    for n in args.streams:
-        a, b, c = e["concurrent"][str(n)], h["batched"][str(n)], h["sequential"][str(n)]
-        print(f"{n:2d} streams aggregate    engine {a:7.1f} tok/s   transformers batched {b:7.1f} ({a / b:.2f}x), "
-              f"one after another {c:7.1f} ({a / c:.2f}x)")
+          f"{h['long_decode_tok_s']:7.1f}   {e['long_decode_tok_s'] / h['long_decode_tok_s']:.2f}x"
+          f"{spread(lambda a, b: a['long_decode_tok_s'] / b['long_decode_tok_s'])}")
+    for n in map(str, args.streams):
+        a, b, c = e["concurrent"][n], h["batched"][n], h["sequential"][n]
+        print(f"{n:>2} streams aggregate    engine {a:7.1f} tok/s   transformers batched {b:7.1f} ({a / b:.2f}x"
+              f"{spread(lambda x, y: x['concurrent'][n] / y['batched'][n], ', rounds {}')}), one after another "
+              f"{c:7.1f} ({a / c:.2f}x{spread(lambda x, y: x['concurrent'][n] / y['sequential'][n], ', rounds {}')})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -3,8 +3,8 @@ layer, the final norm, the unembedding) and the whole runner step, per decode st
 
 Runs the real engine on a synthetic checkpoint (default `mid`: hidden 512, 4 layers, 16 experts
 top-4, the full 201k vocabulary, MXFP4) at its default dtype, with N concurrent greedy streams,
-and wraps each op where the engine thread calls it. Only decode steps (every row one token) count. What the step spends outside the listed ops
-is the sampler and batch building.
+and wraps each op where the engine thread calls it. Only decode steps (every row one token) count.
+What the step spends outside the listed ops is the sampler and batch building.
 
     .venv/bin/python benchmarks/cpu_step_profile.py [--preset mid] [--streams 1] [--dtype bfloat16]
 """

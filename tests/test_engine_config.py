@@ -60,6 +60,22 @@ def test_dtype_default_follows_native_bf16(monkeypatch):
     assert engine_config.default_dtype(torch.device("cuda")) == torch.bfloat16
 
 
+@pytest.mark.parametrize("native, dtype, experts_dtype", [
+    (True, "bfloat16", torch.bfloat16),  # a bf16 product streams half the bytes
+    (False, "bfloat16", torch.float32),  # emulated bf16 products are slower than fp32 ones
+    (True, "float32", torch.float32),
+])
+def test_cpu_experts_are_unpacked_in_the_dtype_the_cpu_computes_fastest(monkeypatch, tiny_path, make_engine,
+                                                                        native, dtype, experts_dtype):
+    from swallow_stream.engine import llm_engine
+
+    monkeypatch.setattr(llm_engine, "cpu_has_native_bf16", lambda: native)
+    engine = make_engine(tiny_path, dtype=dtype)
+    for layer in engine.runner.model.w.layers:
+        assert [t.dtype for t in layer.experts.dequantized] == [experts_dtype] * 2
+        assert layer.experts.compute_dtype == experts_dtype
+
+
 def test_options_are_checked_when_made():
     with pytest.raises(InvalidRequestError, match="unknown ops 'cuda'"):
         EngineOptions(ops="cuda")

@@ -49,6 +49,19 @@ def test_attention_key_chunks_agree(monkeypatch, score_elements, case):
     torch.testing.assert_close(reference.attention(q, kc, vc, tables, sl, qsl, sinks, 24, 0.25), whole)
 
 
+@pytest.mark.parametrize("batch_elements", [3000, 1])  # a few rows a chunk; one row a chunk
+@pytest.mark.parametrize("lens", [[1, 17, 150, 40, 33], [60, 3, 9]])
+@pytest.mark.parametrize("window", [0, 24])
+def test_cpu_decode_chunks_agree(monkeypatch, batch_elements, lens, window):
+    """Decode rows attended in chunks (longest first, then put back in their places) give what
+    one batch of them gives; the static path is the independent check of the batch itself."""
+    q, kc, vc, tables, sl, qsl, sinks = make_batch([1] * len(lens), lens, 4, 2, 16, 4, window, torch.float32, "cpu")
+    whole = reference.attention(q, kc, vc, tables, sl, qsl, sinks, window, 0.25)
+    torch.testing.assert_close(whole, reference._attention_decode(q, kc, vc, tables, sl, sinks, window, 0.25))
+    monkeypatch.setattr(reference, "_DECODE_BATCH_ELEMENTS", batch_elements)
+    torch.testing.assert_close(reference.attention(q, kc, vc, tables, sl, qsl, sinks, window, 0.25), whole)
+
+
 def test_attention_reads_host_lens_when_given():
     """With host_lens the loop takes the caller's lengths, not the tensors' (it never reads them)."""
     q, kc, vc, tables, sl, qsl, sinks = make_batch([3, 1], [10, 20], 4, 2, 16, 4, 0, torch.float32, "cpu")

@@ -281,38 +281,50 @@ def attention(
 def _attend_decodes(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, qsl: Sequence[int], lens: Sequence[int], rows: list[int],
                     sinks: torch.Tensor, window: int, scale: float) -> None:
-    """The sequences `rows`, each one query at its last position (decodes), attended together
-    into out (on CPU, where the lengths' tensors cost nothing to make). Each sees one contiguous range of keys (the window's), so their
-    slots are gathered into [B, S] (S the longest range; the rest masked) and the batch takes a
-    dozen ops: looping over the sequences costs a CPU step ~0.3 ms a sequence and layer at short
-    contexts. Rows go longest first, in chunks whose gathered keys stay under
-    _DECODE_BATCH_ELEMENTS: past the caches, the padded gathers and strided products of a big
-    batch cost more than the loop saves (16 rows of 2k tokens: 22 ms at once, 4.5 ms a row a time)."""
+    """The sequences `rows`, each one query at its last position (decodes), attended together into
+    out, on CPU (where making the lengths' tensors costs nothing): a loop over the sequences costs
+    a step ~0.3 ms a sequence and layer at short contexts. Each row sees one contiguous range of
+    keys (the window's): their slots are gathered into [B, S] (S the longest range, the rest
+    masked). Past _DECODE_BATCH_ELEMENTS keys, rows go longest first in chunks of that many: past
+    the caches, a big batch's padded gathers cost more than the loop saves (16 rows of 2k tokens:
+    22 ms at once, 4.5 ms a row at a time)."""
     hq, d = q.shape[1:]
     hk, bs = k_cache.shape[2], k_cache.shape[1]
     starts = {b: max(0, lens[b] - window) if window else 0 for b in rows}
-    rows = sorted(rows, key=lambda b: starts[b] - lens[b])  # longest range first
+    longest = max(lens[b] - starts[b] for b in rows)
+    if len(rows) * longest * hk * d > _DECODE_BATCH_ELEMENTS:
+        rows = sorted(rows, key=lambda b: starts[b] - lens[b])  # longest range first
     flat_k, flat_v = k_cache.flatten(0, 1), v_cache.flatten(0, 1)  # [slots, Hk, D]
     sink = sinks.float().view(1, hk, hq // hk, 1)
     i = 0
     while i < len(rows):
-        longest = lens[rows[i]] - starts[rows[i]]
+        longest = lens[rows[i]] - starts[rows[i]] if i else longest
         chunk = rows[i : i + max(1, _DECODE_BATCH_ELEMENTS // (longest * hk * d))]
         i += len(chunk)
+        n = len(chunk)
         start = torch.tensor([starts[b] for b in chunk])
         count = torch.tensor([lens[b] for b in chunk]) - start  # keys each row sees
         j = torch.arange(longest)
         pos = torch.minimum(start[:, None] + j, (start + count - 1)[:, None])  # [B, S]; padding repeats the last key
-        slots = block_tables[chunk].long().gather(1, pos // bs) * bs + pos % bs
-        kk = flat_k[slots].float()  # [B, S, Hk, D]
-        vv = flat_v[slots].float()
-        qq = q[[qsl[b] for b in chunk]].float().view(len(chunk), hk, hq // hk, d)
-        scores = torch.matmul(qq, kk.permute(0, 2, 3, 1)) * scale  # [B, Hk, G, S]
-        scores.masked_fill_((j[None, :] >= count[:, None]).view(len(chunk), 1, 1, longest), float("-inf"))
+        width = -(-max(lens[b] for b in chunk) // bs)  # the tables' live columns (a table is max_model_len wide)
+        tables = block_tables[:, :width]
+        tables = tables[chunk[0] : chunk[0] + n] if chunk == list(range(chunk[0], chunk[0] + n)) else tables[chunk]
+        slots = tables.long().gather(1, pos // bs) * bs + pos % bs
+        # [B, Hk, S, D] fp32, converted and transposed in one copy: both products then read it in place
+        kk = flat_k[slots].transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+        vv = flat_v[slots].transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+        q_rows = [qsl[b] for b in chunk]
+        contiguous = q_rows == list(range(q_rows[0], q_rows[0] + n))
+        qq = (q[q_rows[0] : q_rows[0] + n] if contiguous else q[q_rows]).float().view(n, hk, hq // hk, d)
+        scores = torch.matmul(qq, kk.transpose(-1, -2)) * scale  # [B, Hk, G, S]
+        scores.masked_fill_((j[None, :] >= count[:, None]).view(n, 1, 1, longest), float("-inf"))
         # the sink: one more logit per head, with no value vector
-        p = torch.softmax(torch.cat([sink.expand(len(chunk), -1, -1, -1), scores], -1), -1)[..., 1:]
-        o = torch.matmul(p, vv.transpose(1, 2))  # [B, Hk, G, D]
-        out[[qsl[b] for b in chunk]] = o.reshape(len(chunk), hq, d).to(out.dtype)
+        p = torch.softmax(torch.cat([sink.expand(n, -1, -1, -1), scores], -1), -1)[..., 1:]
+        o = torch.matmul(p, vv).reshape(n, hq, d).to(out.dtype)  # [B, Hk, G, D]
+        if contiguous:
+            out[q_rows[0] : q_rows[0] + n] = o
+        else:
+            out[q_rows] = o
 
 
 def _attention_decode(
@@ -389,12 +401,16 @@ def experts_partial(
         return _experts_static(x, expert_weights, expert_ids, w, swiglu_limit)
     t, h = x.shape
     dtype = w.compute_dtype
-    if t == 1:  # one token (a single stream's decode): its k experts in turn, nothing to group
+    if t == 1 and w.dequantized is not None:  # one token (a single stream's decode): nothing to group
+        # its k experts' products one by one, the epilogues for all k at once: every op costs a
+        # decode step more than its arithmetic, the weights' streaming having flushed the caches
+        gate_up, down = w.dequantized
+        ids = expert_ids[0].long()
         xc = x.to(dtype)
-        y = torch.cat([linear(swiglu_clamped(linear(xc, w.gate_up_weight(e, dtype)).float() + w.gate_up_bias[e],
-                                             swiglu_limit).to(dtype), w.down_weight(e, dtype)).float() + w.down_bias[e]
-                       for e in expert_ids[0].tolist()])
-        return (y * expert_weights.view(-1, 1)).unsqueeze(0)
+        gu = torch.cat([linear(xc, gate_up[e]) for e in ids.tolist()]).float() + w.gate_up_bias[ids]  # [k, 2I]
+        act = swiglu_clamped(gu, swiglu_limit).to(dtype)
+        y = torch.cat([linear(act[j : j + 1], down[e]) for j, e in enumerate(ids.tolist())]).float()
+        return ((y + w.down_bias[ids]) * expert_weights.view(-1, 1)).unsqueeze(0)
     k = expert_ids.shape[1]
     flat = expert_ids.reshape(-1).long()  # [T*k] (token, slot) pairs
     order = torch.argsort(flat, stable=True)  # pairs grouped by expert
