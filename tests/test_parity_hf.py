@@ -116,14 +116,21 @@ def test_rms_norm_eps_on_small_activations_matches_transformers(tmp_path, make_e
     assert torch.allclose(ours, ref_lp, atol=1e-3, rtol=0), (ours - ref_lp).abs().max()
 
 
-def test_bf16_engine_against_the_fp32_oracle(checkpoint, make_engine):
+@pytest.mark.parametrize("native_bf16", [True, False], ids=["bf16-experts", "fp32-experts"])
+def test_bf16_engine_against_the_fp32_oracle(checkpoint, make_engine, monkeypatch, native_bf16):
     """The CPU bf16 path (weights, activations and KV in bf16; the default on CPUs with native
     bf16) scored by the fp32 oracle along the engine's own greedy continuation: its logprobs are
     as close to fp32 as transformers' own bf16 run is. A real error (a lost sink, a wrong window,
-    garbage from a dtype mix-up) moves logprobs by whole units."""
+    garbage from a dtype mix-up) moves logprobs by whole units. Both expert forms run on any CPU:
+    unpacked to bf16 (a CPU with native bf16) and to fp32 (one without)."""
+    from swallow_stream.engine import llm_engine
+
     name, path, hf = checkpoint
+    monkeypatch.setattr(llm_engine, "cpu_has_native_bf16", lambda: native_bf16)
     engine = make_engine(path, dtype="bfloat16", max_num_batched_tokens=64, block_size=16)
     assert engine.dtype == torch.bfloat16 and engine.runner.kv_caches[0][0].dtype == torch.bfloat16
+    want = torch.bfloat16 if native_bf16 else torch.float32
+    assert all(layer.experts.compute_dtype == want for layer in engine.runner.model.w.layers)
     prompt, out_ids, ours, ref = scored_by_hf(engine, hf, PROMPT, 24)
     ref_lp = ref.gather(1, torch.tensor(out_ids)[:, None])[:, 0]
     err = (ours - ref_lp).abs()
