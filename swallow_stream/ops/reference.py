@@ -298,7 +298,8 @@ def _attend_decodes(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v
     sink = sinks.float().view(1, hk, hq // hk, 1)
     i = 0
     while i < len(rows):
-        longest = lens[rows[i]] - starts[rows[i]] if i else longest
+        if i:  # a later chunk (the rows were sorted): the longest range left
+            longest = lens[rows[i]] - starts[rows[i]]
         chunk = rows[i : i + max(1, _DECODE_BATCH_ELEMENTS // (longest * hk * d))]
         i += len(chunk)
         n = len(chunk)
