@@ -244,10 +244,11 @@ class KVCacheManager:
         seq.num_computed = match.num_tokens
 
     def commit(self, seq: Sequence) -> None:
-        """After a step: name the blocks that just became full, so later requests can share them."""
-        if not self.enable_prefix_caching:
-            return
+        """After a step: name the blocks that just became full, so later requests can share them.
+        Called for every sequence at every step: most steps fill no block, and return at once."""
         bs = self.block_size
+        if not self.enable_prefix_caching or seq.num_computed // bs <= len(seq.block_hashes):
+            return
         h = seq.block_hashes[-1] if seq.block_hashes else _root_hash(seq)
         for i in range(len(seq.block_hashes), seq.num_computed // bs):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])

@@ -327,12 +327,10 @@ class LLMEngine:
         it = iter(sampled)
         produced = 0
         commit = self.kv.commit
-        bs = self.kv.block_size
         deliver = self._deliver
         for seq, n in batch:
             c = seq.num_computed = seq.num_computed + n
-            if c // bs > len(seq.block_hashes):  # a block just became full: name it
-                commit(seq)
+            commit(seq)
             if c < len(seq.token_ids):
                 continue  # a prefill chunk with more to come
             token, lp, top = next(it)
@@ -371,13 +369,12 @@ class LLMEngine:
                 return False
         self._resolve()
         rows = []
-        commit, bs = self.kv.commit, self.kv.block_size
+        commit = self.kv.commit
         for row, (seq, _) in enumerate(go):
             if seq.status != SequenceStatus.RUNNING:
                 continue  # stopped (or cancelled) by the tokens just read: this row's token is dropped
             seq.num_computed += 1
-            if seq.num_computed // bs > len(seq.block_hashes):  # a block just became full: name it
-                commit(seq)
+            commit(seq)
             seq.token_ids.append(PENDING_TOKEN)
             seq.pending_row = row
             rows.append((seq, row))

@@ -308,24 +308,23 @@ def _attend_decodes(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v
         j = torch.arange(longest)
         pos = torch.minimum(start[:, None] + j, (start + count - 1)[:, None])  # [B, S]; padding repeats the last key
         width = -(-max(lens[b] for b in chunk) // bs)  # the tables' live columns (a table is max_model_len wide)
-        tables = block_tables[:, :width]
-        tables = tables[chunk[0] : chunk[0] + n] if chunk == list(range(chunk[0], chunk[0] + n)) else tables[chunk]
-        slots = tables.long().gather(1, pos // bs) * bs + pos % bs
+        slots = block_tables[_rows(chunk), :width].long().gather(1, pos // bs) * bs + pos % bs
         # [B, Hk, S, D] fp32, converted and transposed in one copy: both products then read it in place
         kk = flat_k[slots].transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
         vv = flat_v[slots].transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
-        q_rows = [qsl[b] for b in chunk]
-        contiguous = q_rows == list(range(q_rows[0], q_rows[0] + n))
-        qq = (q[q_rows[0] : q_rows[0] + n] if contiguous else q[q_rows]).float().view(n, hk, hq // hk, d)
+        q_rows = _rows([qsl[b] for b in chunk])
+        qq = q[q_rows].float().view(n, hk, hq // hk, d)
         scores = torch.matmul(qq, kk.transpose(-1, -2)) * scale  # [B, Hk, G, S]
         scores.masked_fill_((j[None, :] >= count[:, None]).view(n, 1, 1, longest), float("-inf"))
         # the sink: one more logit per head, with no value vector
         p = torch.softmax(torch.cat([sink.expand(n, -1, -1, -1), scores], -1), -1)[..., 1:]
-        o = torch.matmul(p, vv).reshape(n, hq, d).to(out.dtype)  # [B, Hk, G, D]
-        if contiguous:
-            out[q_rows[0] : q_rows[0] + n] = o
-        else:
-            out[q_rows] = o
+        out[q_rows] = torch.matmul(p, vv).reshape(n, hq, d).to(out.dtype)  # [B, Hk, G, D]
+
+
+def _rows(index: list[int]) -> slice | list[int]:
+    """A list of row numbers as a slice when it is one (a view, not a gather and scatter)."""
+    first = index[0]
+    return slice(first, first + len(index)) if index == list(range(first, first + len(index))) else index
 
 
 def _attention_decode(
